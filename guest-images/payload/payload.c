@@ -1,0 +1,706 @@
+/*
+ * kvmerge payload guest: a freestanding program that implements PROTOCOL.md.
+ *
+ * It runs at CPL 3 with an empty IDT, so any exception ends the VM. Hence no
+ * privileged instructions (hlt, cli, ...), only baseline x86-64 (the build
+ * keeps the compiler off SSE), and every address it touches must lie in the
+ * identity-mapped first 4 GiB. Only vCPU 0 (the BSP) prints; the others check
+ * in and idle.
+ */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Ports provided by the VMM. */
+#define COM1_DATA 0x3f8
+#define COM1_LSR 0x3fd
+#define LSR_THR_EMPTY 0x20
+#define DEBUG_EXIT_PORT 0xf4
+#define IDLE_PORT 0xf5
+#define I8042_COMMAND_PORT 0x64
+#define I8042_CMD_RESET 0xfe
+
+#define EXIT_CODE_ERROR 250
+
+/* boot_params (the Linux zero page) fields. */
+#define BP_EXT_RAMDISK_IMAGE 0x0c0
+#define BP_EXT_RAMDISK_SIZE 0x0c4
+#define BP_EXT_CMD_LINE_PTR 0x0c8
+#define BP_E820_ENTRIES 0x1e8
+#define BP_RAMDISK_IMAGE 0x218
+#define BP_RAMDISK_SIZE 0x21c
+#define BP_CMD_LINE_PTR 0x228
+#define BP_E820_TABLE 0x2d0
+#define E820_MAX_ENTRIES 128 /* slots in the zero page */
+#define E820_ENTRY_SIZE 20
+#define E820_TYPE_RAM 1
+
+/* MP specification 1.4 structures. */
+#define MPF_SIZE 16
+#define MPF_PHYSPTR 4
+#define MPF_LENGTH 8 /* in 16-byte units; 1 for the 1.4 floating pointer */
+#define MPC_LENGTH 4
+#define MPC_ENTRY_COUNT 34
+#define MPC_HEADER_SIZE 44
+#define MPC_TYPE_PROCESSOR 0
+#define MPC_TYPE_LAST_KNOWN 4 /* bus, I/O APIC, I/O and local interrupt entries */
+#define MPC_PROCESSOR_SIZE 20
+#define MPC_OTHER_SIZE 8
+#define MPC_CPU_FLAGS 3
+#define MPC_CPU_ENABLED 0x01
+
+/* Only the first 4 GiB of guest-physical space are mapped. */
+#define MAPPED_LIMIT (1ULL << 32)
+
+/* Upper bound on the command line scan in case the VMM forgot the NUL. */
+#define CMDLINE_MAX 4096
+
+#define FILL_BASE 0x400000ULL
+#define PAGE_SIZE 4096
+#define WORDS_PER_PAGE (PAGE_SIZE / 8)
+
+/* Each idle-port read blocks for up to 10 ms, so this is ~10 s at worst. */
+#define SMP_MAX_POLLS 1000
+
+/*
+ * Incremented once by every application processor, read by the BSP. 64-bit
+ * because entry.S also increments it (lock incq) for vCPUs without a stack.
+ * Guest RAM starts zeroed, so .bss needs no clearing.
+ */
+uint64_t payload_ap_checkins;
+
+_Noreturn void payload_main(uint64_t cpu, uint64_t boot_params);
+
+/*
+ * gcc may emit calls to these for struct copies and loops even in a
+ * freestanding build. The string instructions are baseline x86-64, allowed in
+ * ring 3, and cannot be turned back into calls to memset/memcpy themselves.
+ * DF is clear at entry (RFLAGS = 0x2) and by ABI afterwards.
+ */
+void *memset(void *dst, int c, size_t n)
+{
+	void *d = dst;
+
+	__asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
+	return dst;
+}
+
+void *memcpy(void *restrict dst, const void *restrict src, size_t n)
+{
+	void *d = dst;
+
+	__asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
+	return dst;
+}
+
+/* ---- Port I/O and guest-physical memory access ---- */
+
+static inline void outb(uint16_t port, uint8_t val)
+{
+	__asm__ volatile("outb %0, %1" : : "a"(val), "Nd"(port));
+}
+
+static inline void outl(uint16_t port, uint32_t val)
+{
+	__asm__ volatile("outl %0, %1" : : "a"(val), "Nd"(port));
+}
+
+static inline uint8_t inb(uint16_t port)
+{
+	uint8_t val;
+
+	__asm__ volatile("inb %1, %0" : "=a"(val) : "Nd"(port));
+	return val;
+}
+
+/*
+ * Blocks in the VMM for up to 10 ms: the ring-3 substitute for hlt. The
+ * memory clobber makes every wait loop re-read shared state.
+ */
+static inline void idle_poll(void)
+{
+	__asm__ volatile("inb %0, %%al" : : "i"(IDLE_PORT) : "eax", "memory");
+}
+
+/* The identity map makes a guest-physical address a valid pointer. */
+static inline const void *phys(uint64_t addr)
+{
+	return (const void *)(uintptr_t)addr;
+}
+
+/* Firmware tables are byte-packed: load through memcpy, which is alignment-safe. */
+static inline uint8_t load8(uint64_t addr)
+{
+	return *(const uint8_t *)phys(addr);
+}
+
+static inline uint16_t load16(uint64_t addr)
+{
+	uint16_t v;
+
+	__builtin_memcpy(&v, phys(addr), sizeof(v));
+	return v;
+}
+
+static inline uint32_t load32(uint64_t addr)
+{
+	uint32_t v;
+
+	__builtin_memcpy(&v, phys(addr), sizeof(v));
+	return v;
+}
+
+static inline uint64_t load64(uint64_t addr)
+{
+	uint64_t v;
+
+	__builtin_memcpy(&v, phys(addr), sizeof(v));
+	return v;
+}
+
+static bool phys_bytes_eq(uint64_t addr, const char *s, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (load8(addr + i) != (uint8_t)s[i])
+			return false;
+	return true;
+}
+
+/* ---- Serial console (only the BSP prints, so no locking) ---- */
+
+static void put_char(char c)
+{
+	while (!(inb(COM1_LSR) & LSR_THR_EMPTY))
+		;
+	outb(COM1_DATA, (uint8_t)c);
+}
+
+static void put_mem(const char *s, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		put_char(s[i]);
+}
+
+static void put_str(const char *s)
+{
+	while (*s)
+		put_char(*s++);
+}
+
+/* Lower-case hex, no prefix, no leading zeros ("0" for zero). */
+static void put_hex(uint64_t v)
+{
+	char buf[16];
+	size_t n = 0;
+
+	do {
+		buf[n++] = "0123456789abcdef"[v & 0xf];
+		v >>= 4;
+	} while (v);
+	while (n)
+		put_char(buf[--n]);
+}
+
+static void put_dec(uint64_t v)
+{
+	char buf[20];
+	size_t n = 0;
+
+	do {
+		buf[n++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	while (n)
+		put_char(buf[--n]);
+}
+
+/* ---- Ending the run ---- */
+
+static _Noreturn void idle_forever(void)
+{
+	for (;;)
+		idle_poll();
+}
+
+/* The VMM may take a moment to stop the VM, so keep idling after the write. */
+static _Noreturn void debug_exit(uint32_t code)
+{
+	outl(DEBUG_EXIT_PORT, code);
+	idle_forever();
+}
+
+/* i8042 "pulse reset line": the VMM ends the VM as a clean reset. */
+static _Noreturn void reset(void)
+{
+	outb(I8042_COMMAND_PORT, I8042_CMD_RESET);
+	idle_forever();
+}
+
+/* #UD with no IDT escalates to a triple fault. */
+static _Noreturn void crash(void)
+{
+	__asm__ volatile("ud2");
+	__builtin_unreachable();
+}
+
+static _Noreturn void fail(const char *reason)
+{
+	put_str("PAYLOAD-ERROR ");
+	put_str(reason);
+	put_char('\n');
+	debug_exit(EXIT_CODE_ERROR);
+}
+
+/* ---- Command line ---- */
+
+struct str {
+	const char *p;
+	size_t len;
+};
+
+static bool str_eq(struct str s, const char *lit)
+{
+	size_t i;
+
+	for (i = 0; i < s.len; i++)
+		if (lit[i] == '\0' || lit[i] != s.p[i])
+			return false;
+	return lit[i] == '\0';
+}
+
+static bool is_space(char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
+
+/* Decimal only; rejects empty strings, other characters and overflow. */
+static bool parse_u64(struct str s, uint64_t *out)
+{
+	uint64_t v = 0;
+
+	if (s.len == 0)
+		return false;
+	for (size_t i = 0; i < s.len; i++) {
+		char c = s.p[i];
+
+		if (c < '0' || c > '9')
+			return false;
+		uint64_t digit = (uint64_t)(c - '0');
+		if (v > (UINT64_MAX - digit) / 10)
+			return false;
+		v = v * 10 + digit;
+	}
+	*out = v;
+	return true;
+}
+
+static struct str read_cmdline(uint64_t boot_params)
+{
+	uint64_t addr = load32(boot_params + BP_CMD_LINE_PTR) |
+			(uint64_t)load32(boot_params + BP_EXT_CMD_LINE_PTR) << 32;
+	struct str s = { phys(addr), 0 };
+
+	if (addr == 0)
+		return s;
+	if (addr >= MAPPED_LIMIT)
+		fail("cmdline above 4 GiB");
+
+	uint64_t max = MAPPED_LIMIT - addr < CMDLINE_MAX ? MAPPED_LIMIT - addr : CMDLINE_MAX;
+	while (s.len < max && s.p[s.len] != '\0')
+		s.len++;
+	return s;
+}
+
+struct param {
+	struct str key;
+	struct str val; /* empty when there is no '=' */
+	bool has_val;
+};
+
+/*
+ * Splits the command line the way Linux does: parameters are separated by
+ * whitespace outside double quotes, the key ends at the first '=', and quotes
+ * around the value are dropped (so echo="a b" prints "a b").
+ */
+static bool next_param(struct str *rest, struct param *out)
+{
+	const char *p = rest->p;
+	const char *end = rest->p + rest->len;
+	bool quoted = false;
+
+	while (p < end && is_space(*p))
+		p++;
+	if (p == end)
+		return false;
+
+	const char *start = p;
+	const char *eq = NULL;
+
+	for (; p < end && (quoted || !is_space(*p)); p++) {
+		if (*p == '"')
+			quoted = !quoted;
+		else if (*p == '=' && !eq && !quoted)
+			eq = p;
+	}
+	rest->p = p;
+	rest->len = (size_t)(end - p);
+
+	if (!eq) {
+		*out = (struct param){ { start, (size_t)(p - start) }, { p, 0 }, false };
+		return true;
+	}
+
+	const char *val = eq + 1;
+	const char *val_end = p;
+
+	if (val < val_end && *val == '"') {
+		val++;
+		if (val < val_end && val_end[-1] == '"')
+			val_end--;
+	}
+	*out = (struct param){ { start, (size_t)(eq - start) },
+			       { val, (size_t)(val_end - val) },
+			       true };
+	return true;
+}
+
+enum then_action { THEN_EXIT, THEN_IDLE, THEN_CRASH, THEN_RESET };
+
+struct config {
+	uint64_t fill_mib;
+	uint64_t patterns;
+	enum then_action then;
+	uint32_t exit_code;
+};
+
+static bool parse_then(struct str val, struct config *cfg)
+{
+	static const char exit_prefix[] = "exit:";
+	const size_t prefix_len = sizeof(exit_prefix) - 1;
+
+	if (str_eq(val, "idle")) {
+		cfg->then = THEN_IDLE;
+		return true;
+	}
+	if (str_eq(val, "crash")) {
+		cfg->then = THEN_CRASH;
+		return true;
+	}
+	if (str_eq(val, "reset")) {
+		cfg->then = THEN_RESET;
+		return true;
+	}
+	if (val.len < prefix_len || !str_eq((struct str){ val.p, prefix_len }, exit_prefix))
+		return false;
+
+	uint64_t code;
+	struct str digits = { val.p + prefix_len, val.len - prefix_len };
+
+	if (!parse_u64(digits, &code) || code > 255)
+		return false;
+	cfg->then = THEN_EXIT;
+	cfg->exit_code = (uint32_t)code;
+	return true;
+}
+
+/*
+ * Validates the whole command line before anything else is printed, so a bad
+ * value yields just the error. Unknown parameters are ignored (a Linux-style
+ * command line may carry other words); a known key without '=' is malformed.
+ * For a repeated key the last value wins.
+ */
+static struct config parse_config(struct str cmdline)
+{
+	struct config cfg = { .fill_mib = 0, .patterns = 1, .then = THEN_EXIT, .exit_code = 0 };
+	struct param prm;
+
+	while (next_param(&cmdline, &prm)) {
+		if (str_eq(prm.key, "fill")) {
+			if (!prm.has_val || !parse_u64(prm.val, &cfg.fill_mib))
+				fail("bad fill");
+		} else if (str_eq(prm.key, "patterns")) {
+			if (!prm.has_val || !parse_u64(prm.val, &cfg.patterns) || cfg.patterns == 0)
+				fail("bad patterns");
+		} else if (str_eq(prm.key, "then")) {
+			if (!prm.has_val || !parse_then(prm.val, &cfg))
+				fail("bad then");
+		} else if (str_eq(prm.key, "echo")) {
+			if (!prm.has_val)
+				fail("bad echo");
+		}
+	}
+	return cfg;
+}
+
+static void print_echoes(struct str cmdline)
+{
+	struct param prm;
+
+	while (next_param(&cmdline, &prm)) {
+		if (str_eq(prm.key, "echo")) {
+			put_str("PAYLOAD-ECHO ");
+			put_mem(prm.val.p, prm.val.len);
+			put_char('\n');
+		}
+	}
+}
+
+/* ---- MP table: how many processors the VMM announced ---- */
+
+static bool checksum_ok(uint64_t addr, uint64_t len)
+{
+	uint8_t sum = 0;
+
+	for (uint64_t i = 0; i < len; i++)
+		sum += load8(addr + i);
+	return sum == 0;
+}
+
+/* Returns the address of a valid MP floating pointer in [start, end), or 0. */
+static uint64_t mp_find_floating(uint64_t start, uint64_t end)
+{
+	for (uint64_t a = start; a + MPF_SIZE <= end; a += 16) {
+		if (phys_bytes_eq(a, "_MP_", 4) && load8(a + MPF_LENGTH) == 1 &&
+		    checksum_ok(a, MPF_SIZE))
+			return a;
+	}
+	return 0;
+}
+
+/*
+ * Counts the enabled processor entries of the MP configuration table. Returns
+ * 0 when there is no usable table (none found, a bad checksum, or the "default
+ * configuration" with no table, which kvmerge does not use).
+ */
+static uint64_t mp_count_cpus(void)
+{
+	uint64_t fp = mp_find_floating(0x9fc00, 0xa0000);
+
+	if (!fp)
+		fp = mp_find_floating(0xf0000, 0x100000);
+	if (!fp)
+		return 0;
+
+	uint64_t table = load32(fp + MPF_PHYSPTR);
+	if (table == 0 || !phys_bytes_eq(table, "PCMP", 4))
+		return 0;
+
+	uint64_t len = load16(table + MPC_LENGTH);
+	if (len < MPC_HEADER_SIZE || table + len > MAPPED_LIMIT || !checksum_ok(table, len))
+		return 0;
+
+	uint64_t entries = load16(table + MPC_ENTRY_COUNT);
+	uint64_t off = MPC_HEADER_SIZE;
+	uint64_t cpus = 0;
+
+	for (uint64_t i = 0; i < entries; i++) {
+		uint8_t type = load8(table + off);
+		uint64_t size;
+
+		if (type == MPC_TYPE_PROCESSOR)
+			size = MPC_PROCESSOR_SIZE;
+		else if (type <= MPC_TYPE_LAST_KNOWN)
+			size = MPC_OTHER_SIZE;
+		else
+			break; /* unknown size: cannot walk further */
+		if (off + size > len)
+			break;
+		if (type == MPC_TYPE_PROCESSOR && (load8(table + off + MPC_CPU_FLAGS) & MPC_CPU_ENABLED))
+			cpus++;
+		off += size;
+	}
+	return cpus;
+}
+
+/* ---- SMP check-in ---- */
+
+static _Noreturn void ap_main(void)
+{
+	__atomic_fetch_add(&payload_ap_checkins, 1, __ATOMIC_RELEASE);
+	idle_forever();
+}
+
+static void wait_for_aps(uint64_t cpus)
+{
+	for (unsigned polls = 0;
+	     __atomic_load_n(&payload_ap_checkins, __ATOMIC_ACQUIRE) < cpus - 1; polls++) {
+		if (polls == SMP_MAX_POLLS)
+			fail("smp");
+		idle_poll();
+	}
+}
+
+/* ---- Initrd ---- */
+
+struct range {
+	uint64_t start;
+	uint64_t size;
+};
+
+static struct range read_initrd(uint64_t boot_params)
+{
+	struct range r = {
+		load32(boot_params + BP_RAMDISK_IMAGE) |
+			(uint64_t)load32(boot_params + BP_EXT_RAMDISK_IMAGE) << 32,
+		load32(boot_params + BP_RAMDISK_SIZE) |
+			(uint64_t)load32(boot_params + BP_EXT_RAMDISK_SIZE) << 32,
+	};
+
+	if (r.size && (r.start >= MAPPED_LIMIT || r.size > MAPPED_LIMIT - r.start))
+		fail("initrd above 4 GiB");
+	return r;
+}
+
+/* Wrapping sum of the bytes, read a word at a time (the tail byte-wise). */
+static uint64_t byte_sum(uint64_t addr, uint64_t len)
+{
+	uint64_t sum = 0;
+	uint64_t i = 0;
+
+	for (; i + 8 <= len; i += 8) {
+		uint64_t w = load64(addr + i);
+
+		/* Add the eight bytes via two rounds of pairwise lane sums (no carries cross lanes). */
+		w = (w & 0x00ff00ff00ff00ffULL) + ((w >> 8) & 0x00ff00ff00ff00ffULL);
+		w = (w & 0x0000ffff0000ffffULL) + ((w >> 16) & 0x0000ffff0000ffffULL);
+		sum += (w & 0xffffffffULL) + (w >> 32);
+	}
+	for (; i < len; i++)
+		sum += load8(addr + i);
+	return sum;
+}
+
+/* ---- Memory fill ---- */
+
+static uint64_t splitmix64(uint64_t x)
+{
+	uint64_t z = x + 0x9e3779b97f4a7c15ULL;
+
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
+
+/* End of the e820 RAM entry that contains addr, or 0 if none does. */
+static uint64_t e820_ram_end(uint64_t boot_params, uint64_t addr)
+{
+	uint64_t n = load8(boot_params + BP_E820_ENTRIES);
+
+	if (n > E820_MAX_ENTRIES)
+		n = E820_MAX_ENTRIES;
+	for (uint64_t i = 0; i < n; i++) {
+		uint64_t e = boot_params + BP_E820_TABLE + i * E820_ENTRY_SIZE;
+		uint64_t base = load64(e);
+		uint64_t size = load64(e + 8);
+
+		if (load32(e + 16) == E820_TYPE_RAM && base <= addr && addr - base < size)
+			return base + size < base ? UINT64_MAX : base + size;
+	}
+	return 0;
+}
+
+/*
+ * Size in bytes of the fill, after checking that it stays inside the RAM
+ * entry holding FILL_BASE, inside the mapped 4 GiB and clear of the initrd.
+ */
+static uint64_t fill_bytes(uint64_t boot_params, uint64_t mib, struct range initrd)
+{
+	if (mib == 0)
+		return 0;
+	if (mib > (MAPPED_LIMIT - FILL_BASE) >> 20) /* also keeps mib << 20 from overflowing */
+		fail("fill does not fit");
+
+	uint64_t bytes = mib << 20;
+	uint64_t end = FILL_BASE + bytes;
+
+	if (end > e820_ram_end(boot_params, FILL_BASE))
+		fail("fill does not fit");
+	if (initrd.size && initrd.start < end && FILL_BASE < initrd.start + initrd.size)
+		fail("fill does not fit");
+	return bytes;
+}
+
+/* Page i gets pattern p = i mod k; word w of pattern p is splitmix64(p * 512 + w). */
+static void fill_pages(uint64_t *base, uint64_t pages, uint64_t k)
+{
+	uint64_t p = 0;
+
+	for (uint64_t i = 0; i < pages; i++) {
+		uint64_t *page = base + i * WORDS_PER_PAGE;
+		uint64_t first = p * WORDS_PER_PAGE;
+
+		for (uint64_t w = 0; w < WORDS_PER_PAGE; w++)
+			page[w] = splitmix64(first + w);
+		if (++p == k)
+			p = 0;
+	}
+}
+
+static uint64_t word_sum(const uint64_t *base, uint64_t words)
+{
+	uint64_t sum = 0;
+
+	for (uint64_t i = 0; i < words; i++)
+		sum += base[i];
+	return sum;
+}
+
+/* ---- Entry ---- */
+
+static _Noreturn void bsp_main(uint64_t boot_params)
+{
+	uint64_t cpus = mp_count_cpus();
+
+	if (cpus == 0)
+		cpus = 1; /* no usable MP table: uniprocessor */
+	wait_for_aps(cpus);
+	put_str("PAYLOAD-READY cpus=");
+	put_dec(cpus);
+	put_char('\n');
+
+	struct str cmdline = read_cmdline(boot_params);
+	struct config cfg = parse_config(cmdline);
+	struct range initrd = read_initrd(boot_params);
+	uint64_t fill = fill_bytes(boot_params, cfg.fill_mib, initrd);
+
+	print_echoes(cmdline);
+
+	if (initrd.size) {
+		put_str("PAYLOAD-INITRD size=");
+		put_hex(initrd.size);
+		put_str(" sum=");
+		put_hex(byte_sum(initrd.start, initrd.size));
+		put_char('\n');
+	}
+
+	if (fill) {
+		uint64_t *area = (uint64_t *)(uintptr_t)FILL_BASE;
+
+		fill_pages(area, fill / PAGE_SIZE, cfg.patterns);
+		/* The sum must come from memory re-read after the whole fill, not from registers. */
+		__asm__ volatile("" : : : "memory");
+		put_str("PAYLOAD-FILLED sum=");
+		put_hex(word_sum(area, fill / 8));
+		put_char('\n');
+	}
+
+	switch (cfg.then) {
+	case THEN_EXIT:
+		debug_exit(cfg.exit_code);
+	case THEN_CRASH:
+		crash();
+	case THEN_RESET:
+		reset();
+	case THEN_IDLE:
+		break;
+	}
+	idle_forever();
+}
+
+_Noreturn void payload_main(uint64_t cpu, uint64_t boot_params)
+{
+	if (cpu != 0)
+		ap_main();
+	bsp_main(boot_params);
+}

@@ -1,0 +1,230 @@
+//! The command line: clap definitions turned into a plain `Config`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use regex::Regex;
+
+use crate::config::{self, Config, ConsoleMode, DedupMode, VmConfig};
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  # Boot one guest and talk to its console (Ctrl-A x quits):
+  kvmerge run --kernel bzImage --initrd initramfs.cpio.gz --cmdline 'console=ttyS0'
+
+  # Eight identical guests in one process, consoles prefixed [vm0] .. [vm7]:
+  kvmerge run --kernel bzImage --initrd initramfs.cpio.gz --count 8 --memory 256M
+
+  # CI: pass when the guest prints 'TESTS PASSED' and exits 0 within 60 s; keep the logs:
+  kvmerge run --kernel bzImage --initrd test.cpio.gz --expect 'TESTS PASSED' \\
+              --timeout 60s --console logs/
+
+  # A payload guest (guest-images/out/payload.elf) filling 64 MiB with 16 distinct pages:
+  kvmerge run --kernel guest-images/out/payload.elf --cmdline 'fill=64 patterns=16' --count 4
+
+Exit status:
+  0    every guest exited with code 0 (debug-exit port 0xf4) or reset/powered off cleanly,
+       and matched --expect when given
+  1    some guest failed: non-zero exit code, crash, or no --expect match (one line each on stderr)
+  2    bad usage or bad input (nothing was started)
+  124  --timeout expired
+  130  interrupted (SIGINT; 143 for SIGTERM)";
+
+/// kvmerge: boot several lightweight guests in one process on KVM, with built-in memory
+/// deduplication across them.
+#[derive(Debug, Parser)]
+#[command(name = "kvmerge", version, about, long_about = None)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot one or more identical guests and wait for them to end.
+    #[command(after_help = RUN_EXAMPLES)]
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest kernel: an x86_64 bzImage, an ELF vmlinux, or a kvmerge payload ELF.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk handed to the kernel (e.g. a gzip'd cpio archive).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; `{index}` is replaced by each guest's index (0, 1, ...).
+    #[arg(
+        long,
+        value_name = "STR",
+        default_value = "console=ttyS0 reboot=k panic=-1"
+    )]
+    pub cmdline: String,
+    /// Guest RAM per VM: 256M, 1G, 1.5G; a bare number is MiB.
+    #[arg(long, value_name = "SIZE", default_value = "128M", value_parser = parse_size)]
+    pub memory: u64,
+    /// vCPUs per VM.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u8,
+    /// Number of identical VMs to boot in this process.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(0..=MAX_COUNT))]
+    pub count: u32,
+    /// Deduplication: full (KSM across VMs + zero-page reclaim), zero (zero pages only; no
+    /// cross-VM sharing), off.
+    #[arg(long, value_enum, default_value_t = DedupMode::Full)]
+    pub dedup: DedupMode,
+    /// Guest consoles: 'prefix' (stdout, lines tagged [vmK] when several guests run), 'none',
+    /// or a directory that receives DIR/vmK.log.
+    #[arg(long, value_name = "prefix|none|DIR", default_value = "prefix")]
+    pub console: String,
+    /// Stop every guest after this long and exit 124: 500ms, 30s, 2m.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+    /// A guest passes only if a line of its console matches this regular expression.
+    #[arg(long, value_name = "REGEX", value_parser = parse_regex)]
+    pub expect: Option<Regex>,
+}
+
+/// A sanity bound on --count: far above what fits in a host's memory at the smallest guest size,
+/// low enough that a typo does not allocate a billion VM descriptions.
+const MAX_COUNT: i64 = 65536;
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    config::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    config::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_regex(s: &str) -> Result<Regex, String> {
+    Regex::new(s).map_err(|e| format!("not a valid regular expression: {e}"))
+}
+
+impl RunArgs {
+    /// The run this command line describes. `terminal` says whether stdin and stdout are a TTY.
+    pub fn into_config(self, terminal: bool) -> Config {
+        let console = match self.console.as_str() {
+            "prefix" => ConsoleMode::Prefix,
+            "none" => ConsoleMode::None,
+            dir => ConsoleMode::Dir(PathBuf::from(dir)),
+        };
+        let interactive = terminal && self.count == 1 && console == ConsoleMode::Prefix;
+        let vm = VmConfig {
+            kernel: self.kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            memory: self.memory,
+            vcpus: self.vcpus,
+            dedup: self.dedup,
+        };
+        Config {
+            vms: vec![vm; self.count as usize],
+            console,
+            timeout: self.timeout,
+            expect: self.expect,
+            interactive,
+        }
+    }
+}
+
+/// Whether kvmerge talks to a person: stdin and stdout both terminals.
+pub fn on_terminal() -> bool {
+    std::io::stdin().is_terminal() && std::io::stdout().is_terminal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kvmerge").chain(args.iter().copied()))
+    }
+
+    fn run_config(args: &[&str], terminal: bool) -> Config {
+        match parse(args).unwrap().command {
+            Command::Run(run) => run.into_config(terminal),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = run_config(&["run", "--kernel", "k"], false);
+        assert_eq!(c.vms.len(), 1);
+        assert_eq!(c.vms[0].memory, 128 << 20);
+        assert_eq!(c.vms[0].vcpus, 1);
+        assert_eq!(c.vms[0].dedup, DedupMode::Full);
+        assert_eq!(c.console, ConsoleMode::Prefix);
+        assert!(c.vms[0].cmdline.contains("console=ttyS0"));
+        assert!(!c.interactive);
+        assert!(c.timeout.is_none() && c.expect.is_none());
+    }
+
+    #[test]
+    fn full_command_line() {
+        let c = run_config(
+            &[
+                "run",
+                "--kernel",
+                "bz",
+                "--initrd",
+                "i.cpio",
+                "--cmdline",
+                "quiet",
+                "--memory",
+                "1G",
+                "--vcpus",
+                "2",
+                "--count",
+                "8",
+                "--dedup",
+                "zero",
+                "--console",
+                "/tmp/logs",
+                "--timeout",
+                "30s",
+                "--expect",
+                "READY$",
+            ],
+            true,
+        );
+        assert_eq!(c.vms.len(), 8);
+        assert_eq!(c.vms[7].memory, 1 << 30);
+        assert_eq!(c.vms[7].vcpus, 2);
+        assert_eq!(c.vms[7].dedup, DedupMode::Zero);
+        assert_eq!(c.console, ConsoleMode::Dir("/tmp/logs".into()));
+        assert_eq!(c.timeout, Some(std::time::Duration::from_secs(30)));
+        assert!(c.expect.unwrap().is_match("GUEST READY"));
+        assert_eq!(c.vms[0].initrd, Some(PathBuf::from("i.cpio")));
+        assert!(!c.interactive, "eight guests cannot share one terminal");
+    }
+
+    #[test]
+    fn interactive_only_for_one_guest_on_a_terminal() {
+        assert!(run_config(&["run", "--kernel", "k"], true).interactive);
+        assert!(!run_config(&["run", "--kernel", "k", "--console", "none"], true).interactive);
+        assert!(!run_config(&["run", "--kernel", "k", "--count", "2"], true).interactive);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &["run"][..],
+            &["run", "--kernel", "k", "--memory", "lots"],
+            &["run", "--kernel", "k", "--vcpus", "-1"],
+            &["run", "--kernel", "k", "--vcpus", "300"],
+            &["run", "--kernel", "k", "--count", "4000000000"],
+            &["run", "--kernel", "k", "--dedup", "maybe"],
+            &["run", "--kernel", "k", "--timeout", "soon"],
+            &["run", "--kernel", "k", "--expect", "("],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} should not parse");
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The plain description of a run: what `main` builds from the command line and what tests build
+//! directly. Nothing here touches the host; `validate` only checks values against each other.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use regex::Regex;
+
+/// Smallest guest RAM kvmerge accepts: the boot structures live below 1 MiB and the kernel above it.
+pub const MIN_MEMORY: u64 = 2 << 20;
+/// Guest RAM is mapped and registered in whole pages.
+pub const PAGE_SIZE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("--memory {0}: {1}")]
+    Memory(String, &'static str),
+    #[error("--count must be at least 1")]
+    ZeroCount,
+    #[error("--vcpus must be at least 1")]
+    ZeroVcpus,
+    #[error(
+        "invalid size '{0}': use a number with an optional K, M, G or T suffix (bare numbers are MiB)"
+    )]
+    BadSize(String),
+    #[error("invalid duration '{0}': use e.g. 500ms, 30s, 2m (bare numbers are seconds)")]
+    BadDuration(String),
+    #[error("--timeout must be longer than zero")]
+    ZeroTimeout,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What kvmerge does with a VM's guest RAM for deduplication.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DedupMode {
+    /// Kernel same-page merging across VMs plus zero-page reclaim.
+    #[default]
+    Full,
+    /// Zero-page reclaim only: no content shared between VMs (no KSM side channel).
+    Zero,
+    /// Guest RAM is never marked mergeable.
+    Off,
+}
+
+/// Where guest consoles go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleMode {
+    /// Lines on stdout, each prefixed with `[vmK] ` when more than one guest runs.
+    Prefix,
+    /// Console output discarded.
+    None,
+    /// One file per guest: `DIR/vmK.log`.
+    Dir(PathBuf),
+}
+
+/// One guest's description.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; `{index}` stands for the guest's index in the fleet.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub vcpus: u8,
+    pub dedup: DedupMode,
+}
+
+impl VmConfig {
+    /// The command line guest `index` receives.
+    pub fn cmdline_for(&self, index: usize) -> String {
+        self.cmdline.replace("{index}", &index.to_string())
+    }
+}
+
+/// A whole run: the guests, in index order, and how they are watched.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub vms: Vec<VmConfig>,
+    pub console: ConsoleMode,
+    pub timeout: Option<Duration>,
+    pub expect: Option<Regex>,
+    /// Forward stdin to the guest's serial port (single guest on a terminal).
+    pub interactive: bool,
+}
+
+impl Config {
+    /// Checks values that are wrong whatever the host (the host-dependent checks happen at build time).
+    pub fn validate(&self) -> Result<()> {
+        if self.vms.is_empty() {
+            return Err(Error::ZeroCount);
+        }
+        for vm in &self.vms {
+            validate_memory(vm.memory)?;
+            if vm.vcpus == 0 {
+                return Err(Error::ZeroVcpus);
+            }
+        }
+        if self.timeout == Some(Duration::ZERO) {
+            return Err(Error::ZeroTimeout);
+        }
+        Ok(())
+    }
+}
+
+fn validate_memory(bytes: u64) -> Result<()> {
+    let shown = format_size(bytes);
+    if bytes == 0 {
+        return Err(Error::Memory(shown, "guest RAM cannot be empty"));
+    }
+    if bytes % PAGE_SIZE != 0 {
+        return Err(Error::Memory(shown, "must be a multiple of 4 KiB"));
+    }
+    if bytes < MIN_MEMORY {
+        return Err(Error::Memory(
+            shown,
+            "kvmerge needs at least 2 MiB of guest RAM",
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `256M`, `1G`, `4096K`, `1.5G`, `512MiB`; a bare number is MiB, as in QEMU.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let bad = || Error::BadSize(s.to_string());
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last().ok_or_else(bad)? {
+        'k' | 'K' => (&t[..t.len() - 1], 10),
+        'm' | 'M' => (&t[..t.len() - 1], 20),
+        'g' | 'G' => (&t[..t.len() - 1], 30),
+        't' | 'T' => (&t[..t.len() - 1], 40),
+        c if c.is_ascii_digit() => (t, 20),
+        _ => return Err(bad()),
+    };
+    if num.is_empty() || num.starts_with(['+', '-']) {
+        return Err(bad());
+    }
+    let unit = 1u64 << shift;
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(unit).ok_or_else(bad);
+    }
+    let f: f64 = num.parse().map_err(|_| bad())?;
+    let bytes = f * unit as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 || bytes.fract() != 0.0 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+/// Parses `500ms`, `30s`, `2m`, `1h`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let bad = || Error::BadDuration(s.to_string());
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(bad()),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
+/// `268435456` → `256 MiB`; sizes that are not whole MiB are shown in bytes.
+pub fn format_size(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    if bytes >= MIB && bytes % MIB == 0 {
+        if bytes % (1 << 30) == 0 {
+            format!("{} GiB", bytes >> 30)
+        } else {
+            format!("{} MiB", bytes / MIB)
+        }
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config {
+            vms: vec![VmConfig {
+                kernel: "k".into(),
+                initrd: None,
+                cmdline: "id={index}".into(),
+                memory: 64 << 20,
+                vcpus: 1,
+                dedup: DedupMode::Full,
+            }],
+            console: ConsoleMode::Prefix,
+            timeout: None,
+            expect: None,
+            interactive: false,
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("256"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096k"), Ok(4 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        for bad in [
+            "",
+            "M",
+            "-1M",
+            "12X",
+            "1.5.2G",
+            "99999999999999999999T",
+            "0.3K",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        for bad in ["", "s", "10 parsecs", "-1s", "1e99h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn validation() {
+        assert_eq!(config().validate(), Ok(()));
+        assert_eq!(config().vms[0].cmdline_for(3), "id=3");
+        let mut c = config();
+        c.vms.clear();
+        assert_eq!(c.validate(), Err(Error::ZeroCount));
+        let mut c = config();
+        c.vms[0].vcpus = 0;
+        assert_eq!(c.validate(), Err(Error::ZeroVcpus));
+        for (mem, why) in [
+            (0, "guest RAM cannot be empty"),
+            ((64 << 20) + 1, "must be a multiple of 4 KiB"),
+            (1 << 20, "kvmerge needs at least 2 MiB of guest RAM"),
+        ] {
+            let mut c = config();
+            c.vms[0].memory = mem;
+            assert_eq!(c.validate(), Err(Error::Memory(format_size(mem), why)));
+        }
+        let mut c = config();
+        c.timeout = Some(Duration::ZERO);
+        assert_eq!(c.validate(), Err(Error::ZeroTimeout));
+    }
+
+    #[test]
+    fn size_formatting() {
+        assert_eq!(format_size(256 << 20), "256 MiB");
+        assert_eq!(format_size(2 << 30), "2 GiB");
+        assert_eq!(format_size(4097), "4097 bytes");
+    }
+}

@@ -1,0 +1,148 @@
+//! Legacy port-I/O devices of one VM and the dispatch from a vCPU's I/O exit to them.
+
+pub mod debug_exit;
+pub mod serial;
+
+use std::sync::Mutex;
+
+use vm_superio::I8042Device;
+
+use crate::devices::serial::SerialPort;
+use crate::vcpu::VmEnd;
+
+/// COM1.
+pub const SERIAL_PORT_BASE: u16 = 0x3f8;
+pub const SERIAL_PORT_LEN: u16 = 8;
+pub const SERIAL_IRQ: u32 = 4;
+/// i8042 data and command ports.
+pub const I8042_DATA_PORT: u16 = 0x60;
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// Payload idle port: the vCPU thread blocks briefly instead of the guest spinning.
+pub const IDLE_PORT: u16 = 0xf5;
+
+/// An i8042 trigger that only records that the guest asked for a reset; the vCPU that made the
+/// request ends the VM right after the write.
+#[derive(Default)]
+pub struct ResetRequest(std::cell::Cell<bool>);
+
+impl vm_superio::Trigger for ResetRequest {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.set(true);
+        Ok(())
+    }
+}
+
+/// The port-I/O devices of one VM, shared by its vCPU threads.
+pub struct Devices {
+    serial: Mutex<SerialPort>,
+    i8042: Mutex<I8042Device<ResetRequest>>,
+}
+
+impl Devices {
+    pub fn new(serial: SerialPort) -> Devices {
+        Devices {
+            serial: Mutex::new(serial),
+            i8042: Mutex::new(I8042Device::new(ResetRequest::default())),
+        }
+    }
+
+    /// Handles an `in` from the guest. Unclaimed ports read as all ones, like an empty ISA bus.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        match port {
+            p if serial_offset(p).is_some() && data.len() == 1 => {
+                data[0] = lock(&self.serial).read(serial_offset(p).unwrap_or(0));
+            }
+            I8042_DATA_PORT | I8042_COMMAND_PORT if data.len() == 1 => {
+                data[0] = lock(&self.i8042).read((port - I8042_DATA_PORT) as u8);
+            }
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// Handles an `out` from the guest; returns why the VM ends when the write ends it.
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> Option<VmEnd> {
+        match port {
+            p if serial_offset(p).is_some() && data.len() == 1 => {
+                if let Err(e) = lock(&self.serial).write(serial_offset(p).unwrap_or(0), data[0]) {
+                    log::warn!("serial write failed: {e:?}");
+                }
+                None
+            }
+            I8042_DATA_PORT | I8042_COMMAND_PORT if data.len() == 1 => {
+                let mut i8042 = lock(&self.i8042);
+                let Ok(()) = i8042.write((port - I8042_DATA_PORT) as u8, data[0]);
+                // The trigger only records the request; acting on it here keeps the VM's end on
+                // the vCPU that asked for it.
+                i8042.reset_evt().0.get().then_some(VmEnd::Reset)
+            }
+            debug_exit::PORT => debug_exit::decode(data).map(VmEnd::Exit),
+            _ => {
+                log::trace!("unclaimed port write {port:#x} <- {data:?}");
+                None
+            }
+        }
+    }
+
+    /// Queues host input for the guest's serial port; returns how many bytes fit in its FIFO.
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        lock(&self.serial).enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
+    /// Flushes the guest's last partial console line once it has ended.
+    pub fn finish_console(&self) {
+        if let Err(e) = lock(&self.serial).writer_mut().finish() {
+            log::warn!("console output failed: {e}");
+        }
+    }
+}
+
+/// A device lock poisoned by a panicking vCPU thread still guards consistent register state.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn serial_offset(port: u16) -> Option<u8> {
+    (SERIAL_PORT_BASE..SERIAL_PORT_BASE + SERIAL_PORT_LEN)
+        .contains(&port)
+        .then(|| (port - SERIAL_PORT_BASE) as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::{ConsoleSink, Output};
+    use crate::devices::serial::InterruptTrigger;
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn devices() -> Devices {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let sink = ConsoleSink::new(Output::Discard, None);
+        Devices::new(SerialPort::new(InterruptTrigger::new(evt), sink))
+    }
+
+    #[test]
+    fn debug_exit_and_reset_end_the_vm() {
+        let d = devices();
+        assert_eq!(d.pio_write(debug_exit::PORT, &[7]), Some(VmEnd::Exit(7)));
+        assert_eq!(
+            d.pio_write(debug_exit::PORT, &300u32.to_le_bytes()),
+            Some(VmEnd::Exit(300))
+        );
+        assert_eq!(d.pio_write(I8042_COMMAND_PORT, &[0xd1]), None);
+        assert_eq!(d.pio_write(I8042_COMMAND_PORT, &[0xfe]), Some(VmEnd::Reset));
+        assert_eq!(d.pio_write(0x80, &[1]), None);
+    }
+
+    #[test]
+    fn unclaimed_ports_float_high() {
+        let d = devices();
+        let mut buf = [0u8; 4];
+        d.pio_read(0xcfc, &mut buf);
+        assert_eq!(buf, [0xff; 4]);
+        // The UART's line status register reports an empty transmitter.
+        let mut lsr = [0u8];
+        d.pio_read(SERIAL_PORT_BASE + 5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+    }
+}

@@ -1,0 +1,302 @@
+//! Guest RAM: created in exactly one place, one anonymous private mapping per VM, advised for
+//! deduplication right here and nowhere else.
+
+use std::ffi::CString;
+use std::ptr::NonNull;
+
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::config::{DedupMode, format_size};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot map {size} of guest RAM ({source}): lower --memory or --count")]
+    Map {
+        size: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("madvise({advice}) on guest RAM failed")]
+    Advise {
+        advice: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest RAM layout rejected by vm-memory: {0}")]
+    Layout(String),
+    #[error(
+        "guest RAM was advised MADV_MERGEABLE but /proc/self/smaps does not show the 'mg' flag"
+    )]
+    NotMergeable,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What happened when guest RAM was offered to KSM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mergeable {
+    /// MADV_MERGEABLE accepted and `mg` seen in smaps.
+    Yes,
+    /// The kernel has no KSM (madvise returned EINVAL): zero-page reclaim still works.
+    NoKsm,
+    /// Dedup mode `off` or `zero`: never offered.
+    NotRequested,
+}
+
+/// One VM's guest RAM. Owns the mapping; the `GuestMemoryMmap` views it through raw regions.
+pub struct GuestRam {
+    mem: GuestMemoryMmap<()>,
+    host: NonNull<u8>,
+    len: usize,
+    mergeable: Mergeable,
+}
+
+// SAFETY: the mapping is plain anonymous memory owned by this struct; all access goes through
+// vm-memory's volatile accessors or KVM, both of which are thread-safe.
+unsafe impl Send for GuestRam {}
+// SAFETY: as above; `&GuestRam` only hands out the vm-memory view and the address range.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// Maps `regions` (guest address, size) back to back in one anonymous private mapping, names it
+    /// `kvmerge-<name>` in /proc/self/maps where the kernel supports it, and advises it for `dedup`.
+    pub fn new(name: &str, regions: &[(GuestAddress, u64)], dedup: DedupMode) -> Result<GuestRam> {
+        let total: u64 = regions.iter().map(|r| r.1).sum();
+        let map_err = |source| Error::Map {
+            size: format_size(total),
+            source,
+        };
+        let len = usize::try_from(total)
+            .map_err(|_| map_err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
+        // SAFETY: a fresh anonymous mapping; no existing memory is affected. NORESERVE because guest
+        // RAM is meant to be overcommitted: untouched and merged pages cost nothing.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(map_err(std::io::Error::last_os_error()));
+        }
+        let host = NonNull::new(addr.cast::<u8>()).expect("mmap never returns NULL on success");
+        // From here on, Drop unmaps.
+        let mut ram = GuestRam {
+            mem: GuestMemoryMmap::default(),
+            host,
+            len,
+            mergeable: Mergeable::NotRequested,
+        };
+        name_mapping(addr, len, name);
+        ram.advise(libc::MADV_DONTDUMP, "MADV_DONTDUMP")?;
+        // KSM cannot merge pages inside a transparent huge page; keep guest RAM in 4 KiB pages.
+        if dedup != DedupMode::Off {
+            ram.advise(libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")?;
+        }
+        if dedup == DedupMode::Full {
+            ram.mergeable = ram.make_mergeable()?;
+        }
+        ram.mem = ram.build_view(regions)?;
+        Ok(ram)
+    }
+
+    fn build_view(&self, regions: &[(GuestAddress, u64)]) -> Result<GuestMemoryMmap<()>> {
+        let mut offset = 0usize;
+        let mut views = Vec::with_capacity(regions.len());
+        for &(guest, size) in regions {
+            let size = size as usize;
+            // SAFETY: [offset, offset + size) lies inside our mapping (sizes sum to `len`), which
+            // outlives `mem`: Drop replaces `mem` before unmapping.
+            let region = unsafe {
+                MmapRegion::build_raw(
+                    self.host.as_ptr().add(offset),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                )
+            }
+            .map_err(|e| Error::Layout(e.to_string()))?;
+            views.push(
+                GuestRegionMmap::new(region, guest)
+                    .ok_or_else(|| Error::Layout(format!("region at {:#x} overflows", guest.0)))?,
+            );
+            offset += size;
+        }
+        GuestMemoryMmap::from_regions(views).map_err(|e| Error::Layout(e.to_string()))
+    }
+
+    fn advise(&self, advice: libc::c_int, name: &'static str) -> Result<()> {
+        // SAFETY: the range is exactly our own mapping.
+        let rc = unsafe { libc::madvise(self.host.as_ptr().cast(), self.len, advice) };
+        if rc != 0 {
+            return Err(Error::Advise {
+                advice: name,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    fn make_mergeable(&self) -> Result<Mergeable> {
+        match self.advise(libc::MADV_MERGEABLE, "MADV_MERGEABLE") {
+            Ok(()) => {}
+            Err(Error::Advise { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                log::warn!(
+                    "this kernel has no KSM (CONFIG_KSM): guest RAM cannot be merged across VMs"
+                );
+                return Ok(Mergeable::NoKsm);
+            }
+            Err(e) => return Err(e),
+        }
+        // A silent no-op (shared, file-backed or hugetlb memory) is the classic KSM bug: check.
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        match vma_flags(&smaps, self.host.as_ptr() as u64) {
+            Some(flags) if flags.iter().any(|f| f == "mg") => Ok(Mergeable::Yes),
+            _ => Err(Error::NotMergeable),
+        }
+    }
+
+    /// The vm-memory view used by loaders, devices and KVM memslots.
+    pub fn memory(&self) -> &GuestMemoryMmap<()> {
+        &self.mem
+    }
+
+    /// Host virtual address and length of the whole mapping.
+    pub fn host_range(&self) -> (u64, usize) {
+        (self.host.as_ptr() as u64, self.len)
+    }
+
+    pub fn mergeable(&self) -> Mergeable {
+        self.mergeable
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // Drop the raw views first; they do not own the mapping.
+        self.mem = GuestMemoryMmap::default();
+        // SAFETY: we created this mapping in `new` and nothing references it any more.
+        unsafe { libc::munmap(self.host.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Names the mapping `[anon:kvmerge-<name>]` (Linux 5.17+, CONFIG_ANON_VMA_NAME), which makes guest
+/// RAM easy to find in /proc/PID/smaps. Best effort: older kernels just keep it anonymous.
+fn name_mapping(addr: *mut libc::c_void, len: usize, name: &str) {
+    const PR_SET_VMA: libc::c_int = 0x5356_4d41;
+    const PR_SET_VMA_ANON_NAME: libc::c_ulong = 0;
+    let Ok(label) = CString::new(format!("kvmerge-{name}")) else {
+        return;
+    };
+    // SAFETY: prctl reads the NUL-terminated label and only renames our own mapping.
+    let rc = unsafe {
+        libc::prctl(
+            PR_SET_VMA,
+            PR_SET_VMA_ANON_NAME,
+            addr as libc::c_ulong,
+            len as libc::c_ulong,
+            label.as_ptr() as libc::c_ulong,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "cannot name guest RAM mapping: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The `VmFlags` of the smaps entry that contains `addr` (neighbouring mappings with equal flags
+/// may have been merged into one VMA, so the entry need not start at `addr`).
+pub fn vma_flags(smaps: &str, addr: u64) -> Option<Vec<String>> {
+    let mut in_vma = false;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if in_vma {
+                return Some(flags.split_whitespace().map(str::to_string).collect());
+            }
+            continue;
+        }
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
+                in_vma = (lo..hi).contains(&addr);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn smaps_flags() {
+        let smaps = "\
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0                          [anon:kvmerge-vm0]
+Size:               1024 kB
+VmFlags: rd wr mr mw me ac dd nh mg
+7f0000100000-7f0000200000 rw-p 00000000 00:00 0
+Size:               1024 kB
+VmFlags: rd wr mr mw me ac
+";
+        assert_eq!(
+            vma_flags(smaps, 0x7f00_0000_0000)
+                .unwrap()
+                .last()
+                .map(String::as_str),
+            Some("mg")
+        );
+        assert!(
+            !vma_flags(smaps, 0x7f00_0010_0000)
+                .unwrap()
+                .contains(&"mg".to_string())
+        );
+        assert!(vma_flags(smaps, 0x7f00_0010_0fff).is_some());
+        assert_eq!(vma_flags(smaps, 0x7f00_0020_0000), None);
+    }
+
+    #[test]
+    fn ram_regions_are_one_mapping() {
+        let regions = [(GuestAddress(0), 4 << 20), (GuestAddress(1 << 32), 2 << 20)];
+        let ram = GuestRam::new("unit", &regions, DedupMode::Off).unwrap();
+        let mem = ram.memory();
+        assert_eq!(mem.num_regions(), 2);
+        assert_eq!(ram.host_range().1, 6 << 20);
+        mem.write_obj(0xdead_beefu32, GuestAddress((1 << 32) + 8))
+            .unwrap();
+        // The high region sits right after the low one in the host mapping.
+        let host = ram.host_range().0 as *const u32;
+        // SAFETY: offset 4 MiB + 8 lies inside the 6 MiB mapping that `ram` keeps alive.
+        let v = unsafe { host.byte_add((4 << 20) + 8).read_volatile() };
+        assert_eq!(v, 0xdead_beef);
+        assert!(
+            mem.read_obj::<u8>(GuestAddress(4 << 20)).is_err(),
+            "gap must be unmapped"
+        );
+    }
+
+    #[test]
+    fn full_dedup_marks_mergeable() {
+        let ram = GuestRam::new("unit-mg", &[(GuestAddress(0), 4 << 20)], DedupMode::Full).unwrap();
+        // Where the kernel has KSM the flag must be verified; without it we degrade, never lie.
+        let has_ksm = std::path::Path::new("/sys/kernel/mm/ksm").exists();
+        let want = if has_ksm {
+            Mergeable::Yes
+        } else {
+            Mergeable::NoKsm
+        };
+        assert_eq!(ram.mergeable(), want);
+        let off = GuestRam::new("unit-off", &[(GuestAddress(0), 4 << 20)], DedupMode::Off).unwrap();
+        assert_eq!(off.mergeable(), Mergeable::NotRequested);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let flags = vma_flags(&smaps, off.host_range().0).unwrap();
+        assert!(!flags.contains(&"mg".to_string()));
+    }
+}

@@ -1,0 +1,528 @@
+//! A run: pre-flight checks, building the fleet, the control loop (signals, timeout, guest ends,
+//! console input) and the per-guest report.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::arch::{self, EntryMode};
+use crate::config::{self, Config, ConsoleMode};
+use crate::console::{ConsoleSink, Expect, Output};
+use crate::kvm::{self, Flavor, Host};
+use crate::loader::{self, InitrdImage, KernelImage};
+use crate::terminal::{EscapeDecoder, Input, RawMode};
+use crate::vcpu::VmEnd;
+use crate::vm::{self, BootSources, Vm};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error(transparent)]
+    Kvm(#[from] kvm::Error),
+    #[error(transparent)]
+    Loader(#[from] loader::Error),
+    #[error("--vcpus {requested} is more than this host allows ({max}: {why})")]
+    TooManyVcpus {
+        requested: u8,
+        max: usize,
+        why: &'static str,
+    },
+    #[error(
+        "this host's /dev/kvm is kvm_pvm, which cannot run stock Linux kernels (guest ring 0 is \
+         emulated and guest system calls fault); {0} is a Linux kernel. Run Linux guests on a host \
+         with hardware KVM (vmx/svm), or inside the nested lab: scripts/kvm-lab (see README.md)"
+    )]
+    PvmLinux(String),
+    #[error("cannot create console directory {path}: {source}")]
+    ConsoleDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create console log {path}: {source}")]
+    ConsoleFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vm{index}: {source}")]
+    Build {
+        index: usize,
+        #[source]
+        source: vm::Error,
+    },
+    #[error("cannot set up the control loop: {0}")]
+    Control(String),
+}
+
+impl Error {
+    /// Bad usage or bad input (exit status 2) as opposed to a failure while running (1).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Error::Config(_)
+            | Error::Kvm(_)
+            | Error::Loader(_)
+            | Error::TooManyVcpus { .. }
+            | Error::PvmLinux(_)
+            | Error::ConsoleDir { .. }
+            | Error::ConsoleFile { .. } => true,
+            Error::Build { source, .. } => matches!(
+                source,
+                vm::Error::Loader(_) | vm::Error::Memory(crate::memory::Error::Map { .. })
+            ),
+            Error::Control(_) => false,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How one guest's run went.
+#[derive(Clone, Debug)]
+pub struct VmReport {
+    pub name: String,
+    pub end: VmEnd,
+    /// The `--expect` pattern, when the guest's console never matched it.
+    pub expect_missed: Option<String>,
+    /// From the start of the VM's build to its end.
+    pub lifetime: Duration,
+}
+
+impl VmReport {
+    pub fn succeeded(&self) -> bool {
+        self.end.is_clean() && self.expect_missed.is_none()
+    }
+
+    /// One line for stderr when the guest failed.
+    pub fn failure_line(&self) -> Option<String> {
+        if self.succeeded() {
+            return None;
+        }
+        Some(match (&self.expect_missed, self.end.is_clean()) {
+            (Some(p), true) => format!(
+                "{}: {}, but its console never matched --expect '{p}'",
+                self.name, self.end
+            ),
+            (Some(p), false) => format!(
+                "{}: {} (console never matched --expect '{p}')",
+                self.name, self.end
+            ),
+            (None, _) => format!("{}: {}", self.name, self.end),
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub vms: Vec<VmReport>,
+    pub timed_out: bool,
+    pub signal: Option<i32>,
+}
+
+impl Report {
+    /// 0 when every guest succeeded; 124 on timeout; 128+N on signal N; 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        if self.timed_out {
+            124
+        } else if let Some(sig) = self.signal {
+            128 + sig
+        } else if self.vms.iter().all(VmReport::succeeded) {
+            0
+        } else {
+            1
+        }
+    }
+}
+
+/// Everything checked before any VM exists. Each distinct kernel and initrd file is read once.
+struct Preflight {
+    host: Host,
+    kernels: HashMap<PathBuf, KernelImage>,
+    initrds: HashMap<PathBuf, InitrdImage>,
+}
+
+fn preflight(cfg: &Config) -> Result<Preflight> {
+    cfg.validate()?;
+    let mut kernels = HashMap::new();
+    let mut initrds = HashMap::new();
+    for (index, vm) in cfg.vms.iter().enumerate() {
+        if !kernels.contains_key(&vm.kernel) {
+            kernels.insert(vm.kernel.clone(), KernelImage::open(&vm.kernel)?);
+        }
+        kernels[&vm.kernel].check_cmdline(&vm.cmdline_for(index))?;
+        if let Some(path) = &vm.initrd {
+            if !initrds.contains_key(path) {
+                initrds.insert(path.clone(), InitrdImage::open(path)?);
+            }
+        }
+    }
+    let host = Host::open()?;
+    let (max, why) = if host.max_vcpus() < usize::from(arch::mptable::MAX_VCPUS) {
+        (host.max_vcpus(), "KVM's limit")
+    } else {
+        (
+            usize::from(arch::mptable::MAX_VCPUS),
+            "what the MP table holds",
+        )
+    };
+    for vm in &cfg.vms {
+        if usize::from(vm.vcpus) > max {
+            return Err(Error::TooManyVcpus {
+                requested: vm.vcpus,
+                max,
+                why,
+            });
+        }
+        if host.flavor() == Flavor::Pvm && kernels[&vm.kernel].mode() == EntryMode::Linux {
+            return Err(Error::PvmLinux(vm.kernel.display().to_string()));
+        }
+    }
+    Ok(Preflight {
+        host,
+        kernels,
+        initrds,
+    })
+}
+
+fn console_for(cfg: &Config, index: usize, expect: Option<Expect>) -> Result<ConsoleSink> {
+    let output = match &cfg.console {
+        ConsoleMode::Prefix if cfg.interactive => Output::Raw,
+        ConsoleMode::Prefix if cfg.vms.len() == 1 => Output::Lines {
+            prefix: String::new(),
+        },
+        ConsoleMode::Prefix => Output::Lines {
+            prefix: format!("[vm{index}] "),
+        },
+        ConsoleMode::None => Output::Discard,
+        ConsoleMode::Dir(dir) => {
+            let path = dir.join(format!("vm{index}.log"));
+            let file = File::create(&path).map_err(|source| Error::ConsoleFile {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Output::File(file)
+        }
+    };
+    Ok(ConsoleSink::new(output, expect))
+}
+
+/// Runs the fleet described by `cfg` to its end.
+pub fn run(cfg: &Config) -> Result<Report> {
+    let pre = preflight(cfg)?;
+    if let ConsoleMode::Dir(dir) = &cfg.console {
+        std::fs::create_dir_all(dir).map_err(|source| Error::ConsoleDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    // Signals become events of the control loop; the mask is inherited by every vCPU thread, so
+    // SIGINT/SIGTERM are only ever read from the signalfd.
+    let signals =
+        SignalFd::new(&[libc::SIGINT, libc::SIGTERM]).map_err(|e| Error::Control(e.to_string()))?;
+    let notify =
+        Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Control(e.to_string()))?);
+    let pattern = cfg.expect.clone().map(Arc::new);
+
+    let mut vms = Vec::with_capacity(cfg.vms.len());
+    let mut expects = Vec::with_capacity(cfg.vms.len());
+    for (index, vm_cfg) in cfg.vms.iter().enumerate() {
+        let sources = BootSources {
+            kernel: &pre.kernels[&vm_cfg.kernel],
+            initrd: vm_cfg.initrd.as_ref().map(|p| &pre.initrds[p]),
+        };
+        let expect = pattern.clone().map(Expect::new);
+        let console = console_for(cfg, index, expect.clone())?;
+        let vm = Vm::build(&pre.host, index, vm_cfg, &sources, console, notify.clone())
+            .map_err(|source| Error::Build { index, source })?;
+        vms.push(vm);
+        expects.push(expect);
+    }
+    log::info!("built {} VM(s)", vms.len());
+
+    let _raw = if cfg.interactive {
+        match RawMode::enter(libc::STDIN_FILENO) {
+            Ok(guard) => {
+                eprintln!("kvmerge: console attached; press Ctrl-A x to quit");
+                Some(guard)
+            }
+            Err(e) => {
+                log::warn!("cannot put the terminal in raw mode ({e}); console input disabled");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let interactive = cfg.interactive && _raw.is_some();
+
+    for vm in &mut vms {
+        if let Err(source) = vm.resume() {
+            let index = vm.index();
+            stop_all(&mut vms, VmEnd::Vmm("start failed".into()));
+            return Err(Error::Build { index, source });
+        }
+    }
+
+    let control = Arc::new(Mutex::new(Control {
+        vms,
+        signals,
+        notify,
+        timer: None,
+        stdin: interactive,
+        escape: EscapeDecoder::default(),
+        timed_out: false,
+        signal: None,
+    }));
+    if let Some(timeout) = cfg.timeout {
+        let mut timer = TimerFd::new().map_err(|e| Error::Control(e.to_string()))?;
+        timer
+            .reset(timeout, None)
+            .map_err(|e| Error::Control(e.to_string()))?;
+        lock(&control).timer = Some(timer);
+    }
+    let mut events: EventManager<Arc<Mutex<Control>>> =
+        EventManager::new().map_err(|e| Error::Control(format!("{e:?}")))?;
+    events.add_subscriber(control.clone());
+    while !lock(&control).finished() {
+        if let Err(e) = events.run() {
+            let mut c = lock(&control);
+            stop_all(&mut c.vms, VmEnd::Vmm("control loop failed".into()));
+            return Err(Error::Control(format!("{e:?}")));
+        }
+    }
+
+    let mut c = lock(&control);
+    let vms = std::mem::take(&mut c.vms);
+    let reports = vms
+        .iter()
+        .zip(&expects)
+        .map(|(vm, expect)| {
+            let (end, at) = vm
+                .outcome()
+                .cloned()
+                .unwrap_or((VmEnd::Vmm("no outcome recorded".into()), Instant::now()));
+            VmReport {
+                name: vm.name().to_string(),
+                end,
+                expect_missed: expect
+                    .as_ref()
+                    .filter(|e| !e.matched())
+                    .map(|e| e.pattern().to_string()),
+                lifetime: at.saturating_duration_since(vm.created()),
+            }
+        })
+        .collect();
+    Ok(Report {
+        vms: reports,
+        timed_out: c.timed_out,
+        signal: c.signal,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Ends every VM still running with `why`, then collects all vCPU threads.
+fn stop_all(vms: &mut [Vm], why: VmEnd) {
+    for vm in vms.iter() {
+        vm.shared().end(why.clone());
+        vm.request_stop();
+    }
+    for vm in vms.iter_mut() {
+        vm.finish_stop();
+    }
+}
+
+/// Event tokens of the control loop.
+const EV_SIGNAL: u32 = 1;
+const EV_NOTIFY: u32 = 2;
+const EV_TIMER: u32 = 3;
+const EV_STDIN: u32 = 4;
+
+struct Control {
+    vms: Vec<Vm>,
+    signals: SignalFd,
+    notify: Arc<EventFd>,
+    timer: Option<TimerFd>,
+    stdin: bool,
+    escape: EscapeDecoder,
+    timed_out: bool,
+    signal: Option<i32>,
+}
+
+impl Control {
+    fn finished(&self) -> bool {
+        self.vms
+            .iter()
+            .all(|vm| vm.state() == vm::Lifecycle::Stopped)
+    }
+
+    /// Stops the VMs whose guests have ended.
+    fn reap(&mut self) {
+        let ended: Vec<usize> = (0..self.vms.len())
+            .filter(|&i| {
+                self.vms[i].outcome().is_some() && self.vms[i].state() != vm::Lifecycle::Stopped
+            })
+            .collect();
+        for &i in &ended {
+            self.vms[i].request_stop();
+        }
+        for &i in &ended {
+            self.vms[i].finish_stop();
+            if let Some((end, at)) = self.vms[i].outcome() {
+                log::info!(
+                    "{}: {end} after {:.1} ms",
+                    self.vms[i].name(),
+                    at.saturating_duration_since(self.vms[i].created())
+                        .as_secs_f64()
+                        * 1e3
+                );
+            }
+        }
+    }
+
+    fn on_stdin(&mut self, ops: &mut EventOps) {
+        let mut buf = [0u8; 256];
+        // SAFETY: reading into our own buffer from the process's stdin.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            // EOF or error: stop listening, the guest keeps running.
+            let _ = ops.remove(Events::empty_raw(libc::STDIN_FILENO));
+            return;
+        }
+        let input = self.escape.feed(&buf[..n as usize]);
+        let (bytes, quit) = match input {
+            Input::Guest(b) => (b, false),
+            Input::Quit(b) => (b, true),
+        };
+        if let Some(vm) = self.vms.first() {
+            if vm.shared().devices().serial_input(&bytes) < bytes.len() {
+                log::debug!("guest serial FIFO full; input dropped");
+            }
+        }
+        if quit {
+            stop_all(&mut self.vms, VmEnd::Quit);
+        }
+    }
+}
+
+impl MutEventSubscriber for Control {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |fd: i32, data: u32| {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+                log::error!("cannot watch fd {fd}: {e:?}");
+            }
+        };
+        add(self.signals.fd.as_raw_fd(), EV_SIGNAL);
+        add(self.notify.as_raw_fd(), EV_NOTIFY);
+        if let Some(timer) = &self.timer {
+            add(timer.as_raw_fd(), EV_TIMER);
+        }
+        if self.stdin {
+            add(libc::STDIN_FILENO, EV_STDIN);
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            EV_SIGNAL => {
+                if let Some(sig) = self.signals.read() {
+                    log::info!("received signal {sig}; stopping all guests");
+                    self.signal = Some(sig);
+                    stop_all(&mut self.vms, VmEnd::Signal(sig));
+                }
+            }
+            EV_NOTIFY => {
+                let _ = self.notify.read();
+                self.reap();
+            }
+            EV_TIMER => {
+                if let Some(timer) = &mut self.timer {
+                    let _ = timer.wait();
+                }
+                let _ = ops.remove(events);
+                self.timed_out = true;
+                stop_all(&mut self.vms, VmEnd::Timeout);
+            }
+            EV_STDIN => self.on_stdin(ops),
+            _ => {}
+        }
+    }
+}
+
+/// A signalfd for `signals`, which are blocked in the calling thread (and so in every thread it
+/// spawns afterwards). The previous mask comes back on drop.
+struct SignalFd {
+    fd: OwnedFd,
+    old_mask: libc::sigset_t,
+}
+
+impl SignalFd {
+    fn new(signals: &[libc::c_int]) -> std::io::Result<SignalFd> {
+        // SAFETY: sigset_t is plain data initialised by sigemptyset below.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old_mask: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            for &s in signals {
+                libc::sigaddset(&mut set, s);
+            }
+        }
+        // SAFETY: valid sets; only this thread's mask changes.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old_mask) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        // SAFETY: creates a new descriptor from a valid set.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if fd < 0 {
+            let err = std::io::Error::last_os_error();
+            // SAFETY: restores the mask saved above.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut()) };
+            return Err(err);
+        }
+        Ok(SignalFd {
+            // SAFETY: `fd` is a fresh descriptor we own.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            old_mask,
+        })
+    }
+
+    fn read(&self) -> Option<i32> {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        let mut file = File::from(self.fd.try_clone().ok()?);
+        // SAFETY: the slice covers exactly `info`.
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(
+                (&mut info as *mut libc::signalfd_siginfo).cast::<u8>(),
+                size,
+            )
+        };
+        match file.read(buf) {
+            Ok(n) if n == size => Some(info.ssi_signo as i32),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for SignalFd {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `new`. Pending signals are then delivered normally.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
+    }
+}
