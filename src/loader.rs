@@ -78,6 +78,8 @@ pub struct KernelImage {
 #[derive(Clone, Copy, Debug)]
 pub struct LoadedKernel {
     pub entry: GuestAddress,
+    /// First byte past the loaded image.
+    pub end: u64,
     pub setup_header: Option<setup_header>,
     pub mode: EntryMode,
 }
@@ -160,6 +162,7 @@ impl KernelImage {
                 let res = BzImage::load(mem, None, &mut image, himem).map_err(load_err)?;
                 Ok(LoadedKernel {
                     entry: res.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
+                    end: res.kernel_end,
                     setup_header: res.setup_header,
                     mode: self.mode,
                 })
@@ -168,6 +171,7 @@ impl KernelImage {
                 let res = Elf::load(mem, None, &mut image, himem).map_err(load_err)?;
                 Ok(LoadedKernel {
                     entry: res.kernel_load,
+                    end: res.kernel_end,
                     setup_header: None,
                     mode: self.mode,
                 })
@@ -204,13 +208,21 @@ impl InitrdImage {
         mem: &GuestMemoryMmap<()>,
         kernel: &LoadedKernel,
     ) -> Result<(GuestAddress, u64)> {
-        let addr = arch::initrd_load_addr(mem, kernel.setup_header.as_ref(), self.len()).map_err(
-            |source| Error::InitrdTooBig {
-                path: self.path.clone(),
+        let too_big = |source| Error::InitrdTooBig {
+            path: self.path.clone(),
+            size: self.len(),
+            source,
+        };
+        let addr = arch::initrd_load_addr(mem, kernel.setup_header.as_ref(), self.len())
+            .map_err(too_big)?;
+        // A bzImage header bounds the kernel for initrd_load_addr; an ELF image is bounded here.
+        if addr.0 < kernel.end {
+            let top = addr.0 + self.len();
+            return Err(too_big(arch::Error::InitrdDoesNotFit {
                 size: self.len(),
-                source,
-            },
-        )?;
+                available: top.saturating_sub(kernel.end),
+            }));
+        }
         mem.write_slice(&self.bytes, addr)
             .map_err(Error::InitrdCopy)?;
         Ok((addr, self.len()))

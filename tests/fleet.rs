@@ -1,0 +1,152 @@
+//! Host-KVM tier through the library: fleets built from a `Config` directly (heterogeneous guests
+//! the command line cannot express yet) and the VM lifecycle.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use kvmerge::config::{Config, ConsoleMode, DedupMode, VmConfig};
+use kvmerge::console::{ConsoleSink, Output};
+use kvmerge::kvm::{Flavor, Host};
+use kvmerge::loader::KernelImage;
+use kvmerge::runner;
+use kvmerge::vcpu::VmEnd;
+use kvmerge::vm::{self, BootSources, Lifecycle, Vm};
+use vmm_sys_util::eventfd::EventFd;
+
+fn payload_vm(cmdline: &str) -> VmConfig {
+    VmConfig {
+        kernel: payload(),
+        initrd: None,
+        cmdline: cmdline.to_string(),
+        memory: 16 << 20,
+        vcpus: 1,
+        dedup: DedupMode::Full,
+    }
+}
+
+#[test]
+fn one_crash_among_eight_ends_only_that_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("crash");
+    let mut vms: Vec<VmConfig> = (0..8).map(|_| payload_vm("fill=2 then=exit:0")).collect();
+    vms[3] = payload_vm("fill=2 then=crash");
+    let cfg = Config {
+        vms,
+        console: ConsoleMode::Dir(dir.path().to_path_buf()),
+        timeout: Some(Duration::from_secs(60)),
+        expect: None,
+        interactive: false,
+    };
+    let report = runner::run(&cfg).expect("the run itself must succeed");
+    assert_eq!(report.vms.len(), 8);
+    for (i, vm) in report.vms.iter().enumerate() {
+        let log = std::fs::read_to_string(dir.path().join(format!("vm{i}.log"))).unwrap();
+        assert!(
+            log.contains("PAYLOAD-FILLED"),
+            "vm{i} ran to the end of its fill:\n{log}"
+        );
+        if i == 3 {
+            assert_eq!(vm.end, VmEnd::TripleFault, "vm3: {vm:?}");
+            assert_eq!(
+                vm.failure_line().as_deref(),
+                Some("vm3: crashed: triple fault")
+            );
+        } else {
+            assert_eq!(vm.end, VmEnd::Exit(0), "vm{i}: {vm:?}\n{log}");
+            assert!(vm.succeeded());
+        }
+    }
+    assert!(!report.timed_out);
+    assert_eq!(report.exit_code(), 1);
+}
+
+#[test]
+fn lifecycle_transitions_are_checked() {
+    if !kvm_available() {
+        return;
+    }
+    let host = Host::open().unwrap();
+    let kernel = KernelImage::open(&payload()).unwrap();
+    let notify = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let sources = BootSources {
+        kernel: &kernel,
+        initrd: None,
+    };
+    let console = ConsoleSink::new(Output::Discard, None);
+    let mut vm = Vm::build(
+        &host,
+        0,
+        &payload_vm("then=idle"),
+        &sources,
+        console,
+        notify,
+    )
+    .unwrap();
+    assert_eq!(vm.state(), Lifecycle::Created);
+    assert!(matches!(
+        vm.pause(),
+        Err(vm::Error::Transition {
+            action: "pause",
+            state: Lifecycle::Created
+        })
+    ));
+    vm.resume().unwrap();
+    assert_eq!(vm.state(), Lifecycle::Running);
+    assert!(matches!(vm.resume(), Err(vm::Error::Transition { .. })));
+    // Pause and resume repeatedly while the guest idles: every command is acknowledged in time.
+    for _ in 0..20 {
+        let t = Instant::now();
+        vm.pause().unwrap();
+        assert!(t.elapsed() < vm::ACK_TIMEOUT);
+        assert_eq!(vm.state(), Lifecycle::Paused);
+        vm.resume().unwrap();
+    }
+    assert!(vm.outcome().is_none(), "an idle guest has not ended");
+    vm.request_stop();
+    vm.finish_stop();
+    assert_eq!(vm.state(), Lifecycle::Stopped);
+    assert!(matches!(vm.resume(), Err(vm::Error::Transition { .. })));
+}
+
+#[test]
+fn pvm_refuses_linux_kernels_plainly() {
+    if !kvm_available() {
+        return;
+    }
+    if Host::open().unwrap().flavor() != Flavor::Pvm {
+        eprintln!("SKIPPED: /dev/kvm is hardware KVM here; Linux guests are allowed");
+        return;
+    }
+    // The payload without its kvmerge note is, as far as kvmerge can tell, a Linux vmlinux.
+    let dir = TempDir::new("pvm");
+    let vmlinux = dir.path().join("vmlinux");
+    let status = std::process::Command::new("objcopy")
+        .args(["--remove-section", ".note.kvmerge"])
+        .arg(payload())
+        .arg(&vmlinux)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut cmd = kvmerge();
+    cmd.args(["run", "--memory", "16M", "--kernel"])
+        .arg(&vmlinux);
+    let out = run_with_limit(cmd, Duration::from_secs(30));
+    assert_eq!(out.code(), Some(2), "{}", out.dump());
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.dump());
+    assert!(
+        out.stderr
+            .contains("kvm_pvm, which cannot run stock Linux kernels"),
+        "{}",
+        out.dump()
+    );
+    assert!(
+        out.stderr.contains("scripts/kvm-lab"),
+        "points to the lab\n{}",
+        out.dump()
+    );
+}
