@@ -68,7 +68,18 @@ impl ConsoleSink {
         }
     }
 
+    /// Writes the buffered line out. An output that fails (stdout closed, disk full) is reported
+    /// once and then discarded, so a guest can never stall on its console.
     fn emit_line(&mut self) -> io::Result<()> {
+        if let Err(e) = self.write_line() {
+            log::warn!("console output failed ({e}); discarding the rest of this guest's output");
+            self.output = Output::Discard;
+        }
+        self.line.clear();
+        Ok(())
+    }
+
+    fn write_line(&mut self) -> io::Result<()> {
         let mut body: &[u8] = &self.line;
         if let Some(stripped) = body.strip_suffix(b"\n") {
             body = stripped;
@@ -91,7 +102,6 @@ impl ConsoleSink {
             }
             Output::Raw | Output::Discard => {}
         }
-        self.line.clear();
         Ok(())
     }
 
@@ -108,8 +118,12 @@ impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if let Output::Raw = self.output {
             let mut out = io::stdout().lock();
-            out.write_all(buf)?;
-            out.flush()?;
+            if let Err(e) = out.write_all(buf).and_then(|()| out.flush()) {
+                log::warn!(
+                    "console output failed ({e}); discarding the rest of this guest's output"
+                );
+                self.output = Output::Discard;
+            }
         }
         for &b in buf {
             self.line.push(b);
@@ -121,11 +135,16 @@ impl Write for ConsoleSink {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match &mut self.output {
+        let result = match &mut self.output {
             Output::File(f) => f.flush(),
             Output::Raw | Output::Lines { .. } => io::stdout().flush(),
             Output::Discard => Ok(()),
+        };
+        if let Err(e) = result {
+            log::warn!("console output failed ({e}); discarding the rest of this guest's output");
+            self.output = Output::Discard;
         }
+        Ok(())
     }
 }
 

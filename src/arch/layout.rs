@@ -53,8 +53,12 @@ pub const CMDLINE_MAX_SIZE: u64 = 0x10000;
 /// Extended BIOS data area: the last KiB of conventional memory. Linux scans it for the MP
 /// floating pointer, and e820 reports it as reserved.
 pub const EBDA_START: u64 = 0x9fc00;
-/// MP floating pointer, immediately followed by the MP configuration table.
-pub const MPTABLE_START: u64 = EBDA_START;
+/// The system BIOS area (64 KiB below 1 MiB): Linux scans it for the MP floating pointer, and
+/// e820 reports it as reserved.
+pub const BIOS_AREA_START: u64 = 0xf0000;
+/// MP floating pointer, immediately followed by the MP configuration table. The BIOS area rather
+/// than the 1 KiB EBDA, so that the table can describe up to 254 vCPUs.
+pub const MPTABLE_START: u64 = BIOS_AREA_START;
 /// End of conventional memory: VGA memory and option/BIOS ROMs follow up to [`HIMEM_START`].
 pub const LEGACY_HOLE_START: u64 = 0xa0000;
 
@@ -89,6 +93,7 @@ const _: () = {
     assert!(PDE_START + PDE_COUNT * 0x1000 <= CMDLINE_START);
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE <= EBDA_START);
     assert!(EBDA_START < LEGACY_HOLE_START && LEGACY_HOLE_START < HIMEM_START);
+    assert!(LEGACY_HOLE_START < BIOS_AREA_START && BIOS_AREA_START < HIMEM_START);
     assert!(APIC_START < KVM_IDENTITY_MAP_START);
     assert!(KVM_TSS_START + KVM_TSS_SIZE <= MMIO_GAP_END);
 };

@@ -1,15 +1,15 @@
 //! The MP table (Intel MultiProcessor Specification 1.4): how an SMP guest without ACPI learns
 //! its CPUs, its IOAPIC and how ISA interrupts are wired.
 //!
-//! The floating pointer sits at the start of the EBDA, where Linux scans for it, and the
-//! configuration table follows it; both must fit below the legacy hole at 640 KiB, which bounds
-//! the number of vCPUs ([`MAX_VCPUS`]).
+//! The floating pointer sits at the start of the BIOS area (0xf0000), where Linux scans for it,
+//! and the configuration table follows it; both must fit below 1 MiB, which allows the full
+//! 254 vCPUs ([`MAX_VCPUS`]).
 
 use std::mem::{offset_of, size_of};
 
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{APIC_START, IOAPIC_START, LEGACY_HOLE_START, MPTABLE_START};
+use super::layout::{APIC_START, HIMEM_START, IOAPIC_START, MPTABLE_START};
 use super::{Error, Result};
 
 const SPEC_REVISION: u8 = 4;
@@ -152,14 +152,14 @@ const _: () = {
     assert!(size_of::<InterruptEntry>() == 8);
 };
 
-const AREA_SIZE: usize = (LEGACY_HOLE_START - MPTABLE_START) as usize;
+const AREA_SIZE: usize = (HIMEM_START - MPTABLE_START) as usize;
 const FIXED_SIZE: usize = size_of::<FloatingPointer>()
     + size_of::<ConfigHeader>()
     + size_of::<BusEntry>()
     + size_of::<IoApicEntry>()
     + (ISA_IRQS as usize + LOCAL_INTERRUPTS) * size_of::<InterruptEntry>();
 
-/// The most vCPUs the MP table can describe (40): as many processor entries as fit in the EBDA
+/// The most vCPUs the MP table can describe: as many processor entries as fit in the BIOS area
 /// next to the fixed entries, and never more than 254 (APIC ID 255 is the broadcast ID, and the
 /// IOAPIC takes the ID after the last CPU).
 pub const MAX_VCPUS: u8 = {
@@ -382,9 +382,9 @@ mod tests {
 
     #[test]
     fn max_vcpus_fit_below_the_legacy_hole() {
-        assert_eq!(MAX_VCPUS, 40);
+        assert_eq!(MAX_VCPUS, 254);
         let table = mptable_bytes(MAX_VCPUS).unwrap();
-        assert!(MPTABLE_START + table.len() as u64 <= LEGACY_HOLE_START);
+        assert!(MPTABLE_START + table.len() as u64 <= HIMEM_START);
         let (cpus, _) = parse(&table);
         assert_eq!(cpus.len(), usize::from(MAX_VCPUS));
         assert!(matches!(
