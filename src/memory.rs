@@ -35,7 +35,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// What happened when guest RAM was offered to KSM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mergeable {
-    /// MADV_MERGEABLE accepted and `mg` seen in smaps.
+    /// MADV_MERGEABLE accepted (see [`verify_mergeable`] for the check that it took effect).
     Yes,
     /// The kernel has no KSM (madvise returned EINVAL): zero-page reclaim still works.
     NoKsm,
@@ -152,12 +152,7 @@ impl GuestRam {
             }
             Err(e) => return Err(e),
         }
-        // A silent no-op (shared, file-backed or hugetlb memory) is the classic KSM bug: check.
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-        match vma_flags(&smaps, self.host.as_ptr() as u64) {
-            Some(flags) if flags.iter().any(|f| f == "mg") => Ok(Mergeable::Yes),
-            _ => Err(Error::NotMergeable),
-        }
+        Ok(Mergeable::Yes)
     }
 
     /// The vm-memory view used by loaders, devices and KVM memslots.
@@ -182,6 +177,25 @@ impl Drop for GuestRam {
         // SAFETY: we created this mapping in `new` and nothing references it any more.
         unsafe { libc::munmap(self.host.as_ptr().cast(), self.len) };
     }
+}
+
+/// Checks that every mapping advised MADV_MERGEABLE shows the `mg` flag in /proc/self/smaps: a
+/// silent no-op (shared, file-backed or hugetlb memory) is the classic KSM bug in VMMs. One read
+/// of smaps covers a whole fleet.
+pub fn verify_mergeable<'a>(rams: impl IntoIterator<Item = &'a GuestRam>) -> Result<()> {
+    let mut smaps = None;
+    for ram in rams {
+        if ram.mergeable != Mergeable::Yes {
+            continue;
+        }
+        let smaps = smaps
+            .get_or_insert_with(|| std::fs::read_to_string("/proc/self/smaps").unwrap_or_default());
+        match vma_flags(smaps, ram.host.as_ptr() as u64) {
+            Some(flags) if flags.iter().any(|f| f == "mg") => {}
+            _ => return Err(Error::NotMergeable),
+        }
+    }
+    Ok(())
 }
 
 /// Names the mapping `[anon:kvmerge-<name>]` (Linux 5.17+, CONFIG_ANON_VMA_NAME), which makes guest

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use crate::config::{self, Config, ConsoleMode};
 use crate::console::{ConsoleSink, Expect, Output};
 use crate::kvm::{self, Flavor, Host};
 use crate::loader::{self, InitrdImage, KernelImage};
+use crate::memory;
 use crate::terminal::{EscapeDecoder, Input, RawMode};
 use crate::vcpu::VmEnd;
 use crate::vm::{self, BootSources, Vm};
@@ -61,6 +63,8 @@ pub enum Error {
         #[source]
         source: vm::Error,
     },
+    #[error(transparent)]
+    Memory(memory::Error),
     #[error("cannot set up the control loop: {0}")]
     Control(String),
 }
@@ -80,7 +84,7 @@ impl Error {
                 source,
                 vm::Error::Loader(_) | vm::Error::Memory(crate::memory::Error::Map { .. })
             ),
-            Error::Control(_) => false,
+            Error::Control(_) | Error::Memory(_) => false,
         }
     }
 }
@@ -233,19 +237,17 @@ pub fn run(cfg: &Config) -> Result<Report> {
         Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Control(e.to_string()))?);
     let pattern = cfg.expect.clone().map(Arc::new);
 
-    let mut vms = Vec::with_capacity(cfg.vms.len());
+    let mut consoles = Vec::with_capacity(cfg.vms.len());
     let mut expects = Vec::with_capacity(cfg.vms.len());
-    for (index, vm_cfg) in cfg.vms.iter().enumerate() {
-        let sources = BootSources {
-            kernel: &pre.kernels[&vm_cfg.kernel],
-            initrd: vm_cfg.initrd.as_ref().map(|p| &pre.initrds[p]),
-        };
+    for index in 0..cfg.vms.len() {
         let expect = pattern.clone().map(Expect::new);
-        let console = console_for(cfg, index, expect.clone())?;
-        let vm = Vm::build(&pre.host, index, vm_cfg, &sources, console, notify.clone())
-            .map_err(|source| Error::Build { index, source })?;
-        vms.push(vm);
+        consoles.push(console_for(cfg, index, expect.clone())?);
         expects.push(expect);
+    }
+    let mut vms = build_fleet(&pre, cfg, consoles, &notify)?;
+    if let Err(e) = memory::verify_mergeable(vms.iter().map(|vm| vm.ram().as_ref())) {
+        teardown(vms);
+        return Err(Error::Memory(e));
     }
     log::info!("built {} VM(s)", vms.len());
 
@@ -303,7 +305,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
 
     let mut c = lock(&control);
     let vms = std::mem::take(&mut c.vms);
-    let reports = vms
+    let reports: Vec<VmReport> = vms
         .iter()
         .zip(&expects)
         .map(|(vm, expect)| {
@@ -322,11 +324,94 @@ pub fn run(cfg: &Config) -> Result<Report> {
             }
         })
         .collect();
+    teardown(vms);
     Ok(Report {
         vms: reports,
         timed_out: c.timed_out,
         signal: c.signal,
     })
+}
+
+/// Builds every VM of the fleet, spread over the host's CPUs: most of a VM's build time is spent
+/// in KVM ioctls, which run in parallel. On failure, the VMs already built are torn down and the
+/// error of the lowest-numbered VM is returned.
+fn build_fleet(
+    pre: &Preflight,
+    cfg: &Config,
+    consoles: Vec<ConsoleSink>,
+    notify: &Arc<EventFd>,
+) -> Result<Vec<Vm>> {
+    let slots: Vec<Mutex<Option<ConsoleSink>>> =
+        consoles.into_iter().map(|c| Mutex::new(Some(c))).collect();
+    let results: Vec<Mutex<Option<Result<Vm>>>> =
+        (0..cfg.vms.len()).map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(cfg.vms.len());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= cfg.vms.len() || failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let vm_cfg = &cfg.vms[index];
+                    let sources = BootSources {
+                        kernel: &pre.kernels[&vm_cfg.kernel],
+                        initrd: vm_cfg.initrd.as_ref().map(|p| &pre.initrds[p]),
+                    };
+                    let console = lock(&slots[index])
+                        .take()
+                        .expect("each console is used once");
+                    let result =
+                        Vm::build(&pre.host, index, vm_cfg, &sources, console, notify.clone())
+                            .map_err(|source| Error::Build { index, source });
+                    failed.fetch_or(result.is_err(), Ordering::Relaxed);
+                    *lock(&results[index]) = Some(result);
+                }
+            });
+        }
+    });
+    let mut vms = Vec::with_capacity(cfg.vms.len());
+    let mut first_error = None;
+    for result in results
+        .into_iter()
+        .filter_map(|r| r.into_inner().unwrap_or_else(|p| p.into_inner()))
+    {
+        match result {
+            Ok(vm) => vms.push(vm),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        None => Ok(vms),
+        Some(e) => {
+            teardown(vms);
+            Err(e)
+        }
+    }
+}
+
+/// Stops and destroys VMs, spread over the host's CPUs: closing a VM fd makes KVM free the whole
+/// VM, which takes milliseconds per VM.
+fn teardown(vms: Vec<Vm>) {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let queue = Mutex::new(vms);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let Some(vm) = lock(&queue).pop() else { break };
+                    drop(vm);
+                }
+            });
+        }
+    });
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
