@@ -29,7 +29,7 @@ Exit status:
   1    some guest failed: non-zero exit code, crash, or no --expect match (one line each on stderr)
   2    bad usage or bad input (nothing was started)
   124  --timeout expired
-  130  interrupted (SIGINT; 143 for SIGTERM)";
+  130  interrupted: SIGINT or Ctrl-A x on the console (143 for SIGTERM)";
 
 /// kvmerge: boot several lightweight guests in one process on KVM, with built-in memory
 /// deduplication across them.

@@ -1,7 +1,7 @@
 //! A run: pre-flight checks, building the fleet, the control loop (signals, timeout, guest ends,
 //! console input) and the per-guest report.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -23,7 +23,7 @@ use crate::loader::{self, InitrdImage, KernelImage};
 use crate::memory;
 use crate::terminal::{EscapeDecoder, Input, RawMode};
 use crate::vcpu::VmEnd;
-use crate::vm::{self, BootSources, Vm};
+use crate::vm::{self, BootSources, Vm, VmIo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -134,12 +134,15 @@ pub struct Report {
 }
 
 impl Report {
-    /// 0 when every guest succeeded; 124 on timeout; 128+N on signal N; 1 otherwise.
+    /// 0 when every guest succeeded; 124 on timeout; 128+N on signal N (Ctrl-A x on the console
+    /// counts as SIGINT); 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         if self.timed_out {
             124
         } else if let Some(sig) = self.signal {
             128 + sig
+        } else if self.vms.iter().any(|vm| vm.end == VmEnd::Quit) {
+            128 + libc::SIGINT
         } else if self.vms.iter().all(VmReport::succeeded) {
             0
         } else {
@@ -244,7 +247,9 @@ pub fn run(cfg: &Config) -> Result<Report> {
         consoles.push(console_for(cfg, index, expect.clone())?);
         expects.push(expect);
     }
-    let mut vms = build_fleet(&pre, cfg, consoles, &notify)?;
+    let input_drained =
+        Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Control(e.to_string()))?);
+    let mut vms = build_fleet(&pre, cfg, consoles, &notify, &input_drained)?;
     if let Err(e) = memory::verify_mergeable(vms.iter().map(|vm| vm.ram().as_ref())) {
         teardown(vms);
         return Err(Error::Memory(e));
@@ -281,6 +286,8 @@ pub fn run(cfg: &Config) -> Result<Report> {
         notify,
         timer: None,
         stdin: interactive,
+        input_drained,
+        pending_input: VecDeque::new(),
         escape: EscapeDecoder::default(),
         timed_out: false,
         signal: None,
@@ -340,6 +347,7 @@ fn build_fleet(
     cfg: &Config,
     consoles: Vec<ConsoleSink>,
     notify: &Arc<EventFd>,
+    input_drained: &Arc<EventFd>,
 ) -> Result<Vec<Vm>> {
     let slots: Vec<Mutex<Option<ConsoleSink>>> =
         consoles.into_iter().map(|c| Mutex::new(Some(c))).collect();
@@ -366,9 +374,13 @@ fn build_fleet(
                     let console = lock(&slots[index])
                         .take()
                         .expect("each console is used once");
-                    let result =
-                        Vm::build(&pre.host, index, vm_cfg, &sources, console, notify.clone())
-                            .map_err(|source| Error::Build { index, source });
+                    let io = VmIo {
+                        console,
+                        notify: notify.clone(),
+                        input_drained: input_drained.clone(),
+                    };
+                    let result = Vm::build(&pre.host, index, vm_cfg, &sources, io)
+                        .map_err(|source| Error::Build { index, source });
                     failed.fetch_or(result.is_err(), Ordering::Relaxed);
                     *lock(&results[index]) = Some(result);
                 }
@@ -434,13 +446,19 @@ const EV_SIGNAL: u32 = 1;
 const EV_NOTIFY: u32 = 2;
 const EV_TIMER: u32 = 3;
 const EV_STDIN: u32 = 4;
+const EV_INPUT_DRAINED: u32 = 5;
 
 struct Control {
     vms: Vec<Vm>,
     signals: SignalFd,
     notify: Arc<EventFd>,
     timer: Option<TimerFd>,
+    /// Console input is on (interactive single guest).
     stdin: bool,
+    input_drained: Arc<EventFd>,
+    /// Console input the guest's UART had no room for yet; stdin is not read while it is queued,
+    /// so the terminal holds the rest.
+    pending_input: VecDeque<u8>,
     escape: EscapeDecoder,
     timed_out: bool,
     signal: Option<i32>,
@@ -481,23 +499,54 @@ impl Control {
         let mut buf = [0u8; 256];
         // SAFETY: reading into our own buffer from the process's stdin.
         let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if matches!(err.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) {
+                return;
+            }
+            log::warn!("console input failed ({err}); input disabled");
+        }
         if n <= 0 {
-            // EOF or error: stop listening, the guest keeps running.
-            let _ = ops.remove(Events::empty_raw(libc::STDIN_FILENO));
+            // EOF or a real error: stop listening, the guest keeps running.
+            self.watch_stdin(ops, false);
             return;
         }
-        let input = self.escape.feed(&buf[..n as usize]);
-        let (bytes, quit) = match input {
+        let (bytes, quit) = match self.escape.feed(&buf[..n as usize]) {
             Input::Guest(b) => (b, false),
             Input::Quit(b) => (b, true),
         };
-        if let Some(vm) = self.vms.first() {
-            if vm.shared().devices().serial_input(&bytes) < bytes.len() {
-                log::debug!("guest serial FIFO full; input dropped");
-            }
-        }
         if quit {
             stop_all(&mut self.vms, VmEnd::Quit);
+            return;
+        }
+        self.pending_input.extend(bytes);
+        self.feed_input(ops);
+    }
+
+    /// Moves queued console input into the guest's UART as room allows.
+    fn feed_input(&mut self, ops: &mut EventOps) {
+        if let Some(vm) = self.vms.first() {
+            let (front, _) = self.pending_input.as_slices();
+            let taken = vm.shared().devices().serial_input(front);
+            self.pending_input.drain(..taken);
+        }
+        let backlog = !self.pending_input.is_empty();
+        self.watch_stdin(ops, !backlog);
+    }
+
+    fn watch_stdin(&mut self, ops: &mut EventOps, on: bool) {
+        if on == self.stdin {
+            return;
+        }
+        let events = Events::with_data_raw(libc::STDIN_FILENO, EV_STDIN, EventSet::IN);
+        let result = if on {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        };
+        match result {
+            Ok(()) => self.stdin = on,
+            Err(e) => log::warn!("cannot change console input watch: {e:?}"),
         }
     }
 }
@@ -511,6 +560,7 @@ impl MutEventSubscriber for Control {
         };
         add(self.signals.fd.as_raw_fd(), EV_SIGNAL);
         add(self.notify.as_raw_fd(), EV_NOTIFY);
+        add(self.input_drained.as_raw_fd(), EV_INPUT_DRAINED);
         if let Some(timer) = &self.timer {
             add(timer.as_raw_fd(), EV_TIMER);
         }
@@ -541,6 +591,12 @@ impl MutEventSubscriber for Control {
                 stop_all(&mut self.vms, VmEnd::Timeout);
             }
             EV_STDIN => self.on_stdin(ops),
+            EV_INPUT_DRAINED => {
+                let _ = self.input_drained.read();
+                if !self.pending_input.is_empty() {
+                    self.feed_input(ops);
+                }
+            }
             _ => {}
         }
     }

@@ -12,8 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{self, EntryMode, SystemConfig, layout};
 use crate::config::VmConfig;
 use crate::console::ConsoleSink;
-use crate::devices::serial::{InterruptTrigger, SerialPort};
-use crate::devices::{self, Devices};
+use crate::devices::{self, Devices, serial};
 use crate::kvm::Host;
 use crate::loader::{self, InitrdImage, KernelImage};
 use crate::memory::{self, GuestRam};
@@ -94,6 +93,16 @@ impl VmShared {
     }
 }
 
+/// How a VM talks to the rest of the process.
+pub struct VmIo {
+    /// Where the guest's serial output goes.
+    pub console: ConsoleSink,
+    /// Signalled when the VM ends.
+    pub notify: Arc<EventFd>,
+    /// Signalled when the guest has read all queued console input.
+    pub input_drained: Arc<EventFd>,
+}
+
 /// Everything a VM is built from that is shared across the fleet.
 pub struct BootSources<'a> {
     pub kernel: &'a KernelImage,
@@ -119,8 +128,7 @@ impl Vm {
         index: usize,
         cfg: &VmConfig,
         sources: &BootSources,
-        console: ConsoleSink,
-        notify: Arc<EventFd>,
+        io: VmIo,
     ) -> Result<Vm> {
         let created = Instant::now();
         let name = format!("vm{index}");
@@ -140,12 +148,12 @@ impl Vm {
                 step: "KVM_IRQFD (serial)",
                 source,
             })?;
-        let serial = SerialPort::new(InterruptTrigger::new(serial_irq), console);
+        let serial = serial::new_serial(serial_irq, io.input_drained, io.console);
         let shared = Arc::new(VmShared {
             name,
             devices: Devices::new(serial),
             end: OnceLock::new(),
-            notify,
+            notify: io.notify,
         });
 
         let mem = ram.memory();

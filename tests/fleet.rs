@@ -13,7 +13,7 @@ use kvmerge::kvm::{Flavor, Host};
 use kvmerge::loader::KernelImage;
 use kvmerge::runner;
 use kvmerge::vcpu::VmEnd;
-use kvmerge::vm::{self, BootSources, Lifecycle, Vm};
+use kvmerge::vm::{self, BootSources, Lifecycle, Vm, VmIo};
 use vmm_sys_util::eventfd::EventFd;
 
 fn payload_vm(cmdline: &str) -> VmConfig {
@@ -77,16 +77,12 @@ fn lifecycle_transitions_are_checked() {
         kernel: &kernel,
         initrd: None,
     };
-    let console = ConsoleSink::new(Output::Discard, None);
-    let mut vm = Vm::build(
-        &host,
-        0,
-        &payload_vm("then=idle"),
-        &sources,
-        console,
+    let io = VmIo {
+        console: ConsoleSink::new(Output::Discard, None),
+        input_drained: notify.clone(),
         notify,
-    )
-    .unwrap();
+    };
+    let mut vm = Vm::build(&host, 0, &payload_vm("then=idle"), &sources, io).unwrap();
     assert_eq!(vm.state(), Lifecycle::Created);
     assert!(matches!(
         vm.pause(),

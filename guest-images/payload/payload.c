@@ -15,6 +15,7 @@
 /* Ports provided by the VMM. */
 #define COM1_DATA 0x3f8
 #define COM1_LSR 0x3fd
+#define LSR_DATA_READY 0x01
 #define LSR_THR_EMPTY 0x20
 #define DEBUG_EXIT_PORT 0xf4
 #define IDLE_PORT 0xf5
@@ -59,6 +60,9 @@
 #define FILL_BASE 0x400000ULL
 #define PAGE_SIZE 4096
 #define WORDS_PER_PAGE (PAGE_SIZE / 8)
+
+/* then=console: longest input line kept; the rest of a longer line is dropped. */
+#define CONSOLE_LINE_MAX 256
 
 /* Each idle-port read blocks for up to 10 ms, so this is ~10 s at worst. */
 #define SMP_MAX_POLLS 1000
@@ -200,6 +204,18 @@ static void put_hex(uint64_t v)
 	} while (v);
 	while (n)
 		put_char(buf[--n]);
+}
+
+/* A console byte: printable ASCII as is, anything else as \xHH (so "\" itself is "\x5c"). */
+static void put_escaped(uint8_t c)
+{
+	if (c >= 0x20 && c < 0x7f && c != '\\') {
+		put_char((char)c);
+		return;
+	}
+	put_str("\\x");
+	put_char("0123456789abcdef"[c >> 4]);
+	put_char("0123456789abcdef"[c & 0xf]);
 }
 
 static void put_dec(uint64_t v)
@@ -365,7 +381,7 @@ static bool next_param(struct str *rest, struct param *out)
 	return true;
 }
 
-enum then_action { THEN_EXIT, THEN_IDLE, THEN_CRASH, THEN_RESET };
+enum then_action { THEN_EXIT, THEN_IDLE, THEN_CRASH, THEN_RESET, THEN_CONSOLE };
 
 struct config {
 	uint64_t fill_mib;
@@ -389,6 +405,10 @@ static bool parse_then(struct str val, struct config *cfg)
 	}
 	if (str_eq(val, "reset")) {
 		cfg->then = THEN_RESET;
+		return true;
+	}
+	if (str_eq(val, "console")) {
+		cfg->then = THEN_CONSOLE;
 		return true;
 	}
 	if (val.len < prefix_len || !str_eq((struct str){ val.p, prefix_len }, exit_prefix))
@@ -646,6 +666,64 @@ static uint64_t word_sum(const uint64_t *base, uint64_t words)
 	return sum;
 }
 
+/* ---- Interactive console (then=console) ---- */
+
+/* Polls the UART's receive side: no interrupts are needed (the IDT is empty anyway). */
+static uint8_t get_char(void)
+{
+	while (!(inb(COM1_LSR) & LSR_DATA_READY))
+		idle_poll();
+	return inb(COM1_DATA);
+}
+
+/*
+ * Reads one non-empty line ended by '\r' or '\n' (so "\r\n" ends one line and an
+ * empty one, which is skipped). Bytes past CONSOLE_LINE_MAX are dropped.
+ */
+static struct str get_line(char *buf)
+{
+	size_t len = 0;
+
+	for (;;) {
+		uint8_t c = get_char();
+
+		if (c == '\r' || c == '\n') {
+			if (len)
+				return (struct str){ buf, len };
+			continue;
+		}
+		if (len < CONSOLE_LINE_MAX)
+			buf[len++] = (char)c;
+	}
+}
+
+/* Echoes every line; "quit" ends with debug-exit 0, "exit N" (0..255) with N. */
+static _Noreturn void console_loop(void)
+{
+	static const char exit_prefix[] = "exit ";
+	const size_t prefix_len = sizeof(exit_prefix) - 1;
+	static char buf[CONSOLE_LINE_MAX];
+
+	put_str("PAYLOAD-CONSOLE\n");
+	for (;;) {
+		struct str line = get_line(buf);
+		uint64_t code;
+
+		put_str("PAYLOAD-GOT ");
+		for (size_t i = 0; i < line.len; i++)
+			put_escaped((uint8_t)line.p[i]);
+		put_char('\n');
+
+		if (str_eq(line, "quit"))
+			debug_exit(0);
+		if (line.len > prefix_len &&
+		    str_eq((struct str){ line.p, prefix_len }, exit_prefix) &&
+		    parse_u64((struct str){ line.p + prefix_len, line.len - prefix_len }, &code) &&
+		    code <= 255)
+			debug_exit((uint32_t)code);
+	}
+}
+
 /* ---- Entry ---- */
 
 static _Noreturn void bsp_main(uint64_t boot_params)
@@ -692,6 +770,8 @@ static _Noreturn void bsp_main(uint64_t boot_params)
 		crash();
 	case THEN_RESET:
 		reset();
+	case THEN_CONSOLE:
+		console_loop();
 	case THEN_IDLE:
 		break;
 	}

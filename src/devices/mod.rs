@@ -86,7 +86,13 @@ impl Devices {
 
     /// Queues host input for the guest's serial port; returns how many bytes fit in its FIFO.
     pub fn serial_input(&self, bytes: &[u8]) -> usize {
-        lock(&self.serial).enqueue_raw_bytes(bytes).unwrap_or(0)
+        let mut serial = lock(&self.serial);
+        let room = serial.fifo_capacity();
+        let n = bytes.len().min(room);
+        if n == 0 {
+            return 0;
+        }
+        serial.enqueue_raw_bytes(&bytes[..n]).unwrap_or(0)
     }
 
     /// Flushes the guest's last partial console line once it has ended.
@@ -112,13 +118,15 @@ fn serial_offset(port: u16) -> Option<u8> {
 mod tests {
     use super::*;
     use crate::console::{ConsoleSink, Output};
-    use crate::devices::serial::InterruptTrigger;
+    use crate::devices::serial::new_serial;
+    use std::sync::Arc;
     use vmm_sys_util::eventfd::EventFd;
 
     fn devices() -> Devices {
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let drained = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let sink = ConsoleSink::new(Output::Discard, None);
-        Devices::new(SerialPort::new(InterruptTrigger::new(evt), sink))
+        Devices::new(new_serial(evt, drained, sink))
     }
 
     #[test]
@@ -144,5 +152,21 @@ mod tests {
         let mut lsr = [0u8];
         d.pio_read(SERIAL_PORT_BASE + 5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn serial_input_takes_what_fits() {
+        let d = devices();
+        let input = vec![b'a'; 100];
+        let taken = d.serial_input(&input);
+        assert!(
+            taken > 0 && taken < input.len(),
+            "the FIFO is smaller than 100 bytes"
+        );
+        assert_eq!(d.serial_input(&input), 0, "a full FIFO takes nothing more");
+        let mut byte = [0u8];
+        d.pio_read(SERIAL_PORT_BASE, &mut byte);
+        assert_eq!(byte[0], b'a');
+        assert_eq!(d.serial_input(b"bc"), 1);
     }
 }
