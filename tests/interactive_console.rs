@@ -369,3 +369,19 @@ fn ctrl_c_goes_to_the_guest() {
         c.dump()
     );
 }
+
+#[test]
+fn pasted_input_longer_than_the_uart_fifo_arrives_whole() {
+    if !kvm_available() {
+        return;
+    }
+    let mut c = Console::attach(Pty::open(), "then=console");
+    // 200 bytes in one write: three times the UART's 64-byte receive FIFO.
+    let line: String = (0..200)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    c.send(format!("{line}\rquit\r").as_bytes());
+    c.expect_line(&format!("PAYLOAD-GOT {line}"));
+    let status = c.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(0), "{}", c.dump());
+}
