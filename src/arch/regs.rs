@@ -38,6 +38,11 @@ const EFER_LMA: u64 = 1 << 10;
 
 /// Bit 1 of RFLAGS is reserved and always set; everything else clear, interrupts included.
 const RFLAGS_RESERVED: u64 = 1 << 1;
+/// I/O privilege level 3: ring-3 code may use `in`/`out` without consulting the TSS bitmap.
+/// Payloads get both this and an all-permitting bitmap, because CPUs disagree on which one they
+/// honour: kvm_pvm ignores IOPL and checks only the bitmap, while QEMU's TCG (the nested lab's L1
+/// CPU) only reads the bitmap of an available (type 9) TSS, never the busy one KVM loads.
+const RFLAGS_IOPL3: u64 = 3 << 12;
 
 /// x87 control word after FNINIT: all exceptions masked, 64-bit precision, round to nearest.
 const FPU_FCW_DEFAULT: u16 = 0x37f;
@@ -116,6 +121,7 @@ fn boot_regs(entry: GuestAddress, index: u8, mode: EntryMode) -> kvm_regs {
         // The payload sets up its own stack (RSP 0).
         EntryMode::Payload => kvm_regs {
             rdi: u64::from(index),
+            rflags: RFLAGS_RESERVED | RFLAGS_IOPL3,
             ..regs
         },
     }
@@ -232,7 +238,7 @@ mod tests {
     fn payload_regs() {
         let regs = boot_regs(GuestAddress(0x20_0000), 3, EntryMode::Payload);
         assert_eq!((regs.rip, regs.rdi, regs.rsi), (0x20_0000, 3, 0x7000));
-        assert_eq!((regs.rsp, regs.rbp, regs.rflags), (0, 0, 2));
+        assert_eq!((regs.rsp, regs.rbp, regs.rflags), (0, 0, 0x3002));
     }
 
     #[test]
