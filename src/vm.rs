@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{self, EntryMode, SystemConfig, layout};
 use crate::config::VmConfig;
 use crate::console::ConsoleSink;
+use crate::devices::i8042::I8042;
 use crate::devices::{self, Devices, serial};
 use crate::kvm::Host;
 use crate::loader::{self, InitrdImage, KernelImage};
@@ -148,10 +149,17 @@ impl Vm {
                 step: "KVM_IRQFD (serial)",
                 source,
             })?;
+        let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm_fd
+            .register_irqfd(&kbd_irq, devices::I8042_IRQ)
+            .map_err(|source| Error::Kvm {
+                step: "KVM_IRQFD (i8042)",
+                source,
+            })?;
         let serial = serial::new_serial(serial_irq, io.input_drained, io.console);
         let shared = Arc::new(VmShared {
             name,
-            devices: Devices::new(serial),
+            devices: Devices::new(serial, I8042::new(kbd_irq)),
             end: OnceLock::new(),
             notify: io.notify,
         });

@@ -1,12 +1,12 @@
 //! Legacy port-I/O devices of one VM and the dispatch from a vCPU's I/O exit to them.
 
 pub mod debug_exit;
+pub mod i8042;
 pub mod serial;
 
 use std::sync::Mutex;
 
-use vm_superio::I8042Device;
-
+use crate::devices::i8042::{I8042, Request};
 use crate::devices::serial::SerialPort;
 use crate::vcpu::VmEnd;
 
@@ -14,36 +14,24 @@ use crate::vcpu::VmEnd;
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;
 pub const SERIAL_PORT_LEN: u16 = 8;
 pub const SERIAL_IRQ: u32 = 4;
+pub const I8042_IRQ: u32 = 1;
 /// i8042 data and command ports.
 pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// Payload idle port: the vCPU thread blocks briefly instead of the guest spinning.
 pub const IDLE_PORT: u16 = 0xf5;
 
-/// An i8042 trigger that only records that the guest asked for a reset; the vCPU that made the
-/// request ends the VM right after the write.
-#[derive(Default)]
-pub struct ResetRequest(std::cell::Cell<bool>);
-
-impl vm_superio::Trigger for ResetRequest {
-    type E = std::convert::Infallible;
-    fn trigger(&self) -> Result<(), Self::E> {
-        self.0.set(true);
-        Ok(())
-    }
-}
-
 /// The port-I/O devices of one VM, shared by its vCPU threads.
 pub struct Devices {
     serial: Mutex<SerialPort>,
-    i8042: Mutex<I8042Device<ResetRequest>>,
+    i8042: Mutex<I8042>,
 }
 
 impl Devices {
-    pub fn new(serial: SerialPort) -> Devices {
+    pub fn new(serial: SerialPort, i8042: I8042) -> Devices {
         Devices {
             serial: Mutex::new(serial),
-            i8042: Mutex::new(I8042Device::new(ResetRequest::default())),
+            i8042: Mutex::new(i8042),
         }
     }
 
@@ -70,11 +58,10 @@ impl Devices {
                 None
             }
             I8042_DATA_PORT | I8042_COMMAND_PORT if data.len() == 1 => {
-                let mut i8042 = lock(&self.i8042);
-                let Ok(()) = i8042.write((port - I8042_DATA_PORT) as u8, data[0]);
-                // The trigger only records the request; acting on it here keeps the VM's end on
-                // the vCPU that asked for it.
-                i8042.reset_evt().0.get().then_some(VmEnd::Reset)
+                match lock(&self.i8042).write((port - I8042_DATA_PORT) as u8, data[0]) {
+                    Request::Reset => Some(VmEnd::Reset),
+                    Request::None => None,
+                }
             }
             debug_exit::PORT => debug_exit::decode(data).map(VmEnd::Exit),
             _ => {
@@ -126,7 +113,8 @@ mod tests {
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let drained = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let sink = ConsoleSink::new(Output::Discard, None);
-        Devices::new(new_serial(evt, drained, sink))
+        let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        Devices::new(new_serial(evt, drained, sink), I8042::new(kbd_irq))
     }
 
     #[test]

@@ -1,0 +1,192 @@
+//! Linux tier: real tiny kernels (guest-images/linux/) and Debian's stock cloud kernel. They run
+//! directly on hardware KVM and inside the nested real-KVM lab on kvm_pvm hosts (scripts/linux-run
+//! decides). Every failure prints the whole console.
+
+mod common;
+
+use std::process::Command;
+use std::sync::{Mutex, Once};
+use std::time::Duration;
+
+use common::*;
+
+/// One lab (QEMU TCG, two threads) at a time: the host has two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+const LIMIT: Duration = Duration::from_secs(600);
+
+/// Builds the Linux guest images (cached outside the tree) once per test binary.
+fn linux_images() -> bool {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let status = Command::new("make")
+            .arg("-C")
+            .arg(repo_root())
+            .args(["--no-print-directory", "linux-images"])
+            .status()
+            .expect("cannot run make");
+        assert!(status.success(), "building the Linux guest images failed");
+    });
+    true
+}
+
+/// Whether Linux guests can run here, directly or through the lab; prints why not.
+fn linux_available() -> bool {
+    let direct = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        .unwrap_or(false)
+        && !std::path::Path::new("/sys/module/kvm_pvm").exists()
+        && std::path::Path::new("/dev/kvm").exists();
+    if direct {
+        return true;
+    }
+    let check = Command::new(repo_root().join("scripts/kvm-lab"))
+        .arg("--check")
+        .output();
+    match check {
+        Ok(out) if out.status.success() => true,
+        Ok(out) => {
+            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            if std::env::var("KVMERGE_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("KVMERGE_REQUIRE_KVM=1 but the nested KVM lab cannot run: {why}");
+            }
+            eprintln!("SKIPPED: no hardware KVM and the nested KVM lab cannot run: {why}");
+            false
+        }
+        Err(e) => panic!("cannot run scripts/kvm-lab: {e}"),
+    }
+}
+
+/// `kvmerge ARGS` with Linux guests, through scripts/linux-run; `{images}` is the image directory.
+fn linux_run(args: &[&str]) -> Option<Outcome> {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !linux_available() || !linux_images() {
+        return None;
+    }
+    let mut cmd = Command::new(repo_root().join("scripts/linux-run"));
+    cmd.env("KVMERGE_BIN", env!("CARGO_BIN_EXE_kvmerge"))
+        .args(["--lab-timeout", "400", "--"])
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    Some(run_with_limit(cmd, LIMIT))
+}
+
+fn tiny(kernel: &str, extra: &[&str], cmdline: &str) -> Option<Outcome> {
+    let kernel = format!("{{images}}/{kernel}");
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {cmdline}");
+    let mut args = vec![
+        "run",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        "{images}/initramfs.cpio.gz",
+        "--memory",
+        "128M",
+        "--cmdline",
+        &cmdline,
+    ];
+    args.extend_from_slice(extra);
+    linux_run(&args)
+}
+
+/// Through the lab, kvmerge's stdout and stderr arrive together on the lab's console, so markers
+/// and verdicts are looked for in both.
+fn console_has(out: &Outcome, marker: &str) -> bool {
+    out.stdout
+        .lines()
+        .chain(out.stderr.lines())
+        .any(|l| l.contains(marker))
+}
+
+#[test]
+fn tiny_bzimage_boots_and_exits_with_chosen_code() {
+    let Some(out) = tiny("bzImage", &[], "kvmerge.then=exit:7") else {
+        return;
+    };
+    assert!(console_has(&out, "GUEST-READY"), "{}", out.dump());
+    // A guest exit code other than 0 fails the run and is named on stderr.
+    assert_eq!(out.code(), Some(1), "{}", out.dump());
+    assert!(
+        out.stderr.contains("vm0: exited with code 7")
+            || out.stdout.contains("vm0: exited with code 7"),
+        "{}",
+        out.dump()
+    );
+}
+
+#[test]
+fn tiny_elf_vmlinux_boots_and_exits_zero() {
+    let Some(out) = tiny("vmlinux", &[], "kvmerge.then=exit:0") else {
+        return;
+    };
+    assert!(console_has(&out, "GUEST-READY"), "{}", out.dump());
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+}
+
+#[test]
+fn stock_debian_cloud_kernel_boots() {
+    let Some(out) = tiny(
+        "debian-cloud-vmlinuz",
+        &["--memory", "256M"],
+        "kvmerge.then=exit:0",
+    ) else {
+        return;
+    };
+    assert!(console_has(&out, "GUEST-READY"), "{}", out.dump());
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+}
+
+#[test]
+fn two_vcpus_are_online() {
+    let Some(out) = tiny("bzImage", &["--vcpus", "2"], "kvmerge.then=exit:0") else {
+        return;
+    };
+    assert!(console_has(&out, "GUEST-CPUS 2"), "{}", out.dump());
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+}
+
+#[test]
+fn four_guests_in_one_process() {
+    let Some(out) = tiny("bzImage", &["--count", "4"], "kvmerge.then=exit:0") else {
+        return;
+    };
+    for i in 0..4 {
+        assert!(
+            console_has(&out, &format!("[vm{i}] GUEST-READY")),
+            "vm{i}\n{}",
+            out.dump()
+        );
+    }
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+}
+
+#[test]
+fn idle_guest_is_ended_by_timeout() {
+    let Some(out) = tiny("bzImage", &["--timeout", "20s"], "kvmerge.then=idle") else {
+        return;
+    };
+    assert!(console_has(&out, "GUEST-READY"), "{}", out.dump());
+    assert_eq!(out.code(), Some(124), "{}", out.dump());
+}
+
+#[test]
+fn cmdline_and_initrd_arrive_intact() {
+    let token = "tok-4242_xyzzy";
+    let Some(out) = tiny(
+        "bzImage",
+        &[],
+        &format!("kvmerge.echo={token} kvmerge.then=exit:0"),
+    ) else {
+        return;
+    };
+    assert!(
+        console_has(&out, &format!("GUEST-ECHO {token}")),
+        "{}",
+        out.dump()
+    );
+    assert!(
+        console_has(&out, "GUEST-INITRD kvmerge-initramfs-v1"),
+        "{}",
+        out.dump()
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+}
