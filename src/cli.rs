@@ -123,6 +123,7 @@ impl RunArgs {
             memory: self.memory,
             vcpus: self.vcpus,
             dedup: self.dedup,
+            group: config::DEFAULT_GROUP.to_string(),
         };
         Config {
             vms: vec![vm; self.count as usize],

@@ -27,6 +27,11 @@ pub enum Error {
     BadDuration(String),
     #[error("--timeout must be longer than zero")]
     ZeroTimeout,
+    #[error(
+        "trust groups '{0}' and '{1}' both use dedup 'full', but the kernel has one KSM pool per \
+         host, so their memory would be merged together; give all but one group dedup 'zero'"
+    )]
+    GroupsShareKsm(String, String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -65,7 +70,12 @@ pub struct VmConfig {
     pub memory: u64,
     pub vcpus: u8,
     pub dedup: DedupMode,
+    /// Trust group: guests that may share memory contents with each other through KSM.
+    pub group: String,
 }
+
+/// The trust group of guests that name none.
+pub const DEFAULT_GROUP: &str = "default";
 
 impl VmConfig {
     /// The command line guest `index` receives.
@@ -99,6 +109,12 @@ impl Config {
         }
         if self.timeout == Some(Duration::ZERO) {
             return Err(Error::ZeroTimeout);
+        }
+        let mut full = self.vms.iter().filter(|vm| vm.dedup == DedupMode::Full);
+        if let Some(first) = full.next() {
+            if let Some(other) = full.find(|vm| vm.group != first.group) {
+                return Err(Error::GroupsShareKsm(first.group.clone(), other.group.clone()));
+            }
         }
         Ok(())
     }
@@ -198,6 +214,7 @@ mod tests {
                 memory: 64 << 20,
                 vcpus: 1,
                 dedup: DedupMode::Full,
+                group: DEFAULT_GROUP.into(),
             }],
             console: ConsoleMode::Prefix,
             timeout: None,
@@ -262,6 +279,23 @@ mod tests {
         let mut c = config();
         c.timeout = Some(Duration::ZERO);
         assert_eq!(c.validate(), Err(Error::ZeroTimeout));
+    }
+
+    #[test]
+    fn one_ksm_trust_group_per_host() {
+        let mut c = config();
+        let mut other = c.vms[0].clone();
+        other.group = "tenant-b".into();
+        c.vms.push(other.clone());
+        assert_eq!(
+            c.validate(),
+            Err(Error::GroupsShareKsm("default".into(), "tenant-b".into()))
+        );
+        // The second group without KSM is fine: zero-page reclaim shares nothing across VMs.
+        c.vms[1].dedup = DedupMode::Zero;
+        assert_eq!(c.validate(), Ok(()));
+        c.vms[1].dedup = DedupMode::Off;
+        assert_eq!(c.validate(), Ok(()));
     }
 
     #[test]

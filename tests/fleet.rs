@@ -24,6 +24,7 @@ fn payload_vm(cmdline: &str) -> VmConfig {
         memory: 16 << 20,
         vcpus: 1,
         dedup: DedupMode::Full,
+        group: kvmerge::config::DEFAULT_GROUP.into(),
     }
 }
 
