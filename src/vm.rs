@@ -1,7 +1,7 @@
 //! One guest: its KVM VM, RAM, devices and vCPU threads, built by a fixed recipe and driven
 //! through a checked lifecycle (Created → Running ⇄ Paused → Stopped).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
@@ -56,6 +56,8 @@ pub enum Lifecycle {
     Created,
     Running,
     Paused,
+    /// vCPU threads were told to exit; not yet collected.
+    Stopping,
     Stopped,
 }
 
@@ -113,11 +115,11 @@ pub struct BootSources<'a> {
 pub struct Vm {
     index: usize,
     shared: Arc<VmShared>,
-    // Field order is drop order: vCPU threads go first, then the VM fd, then guest RAM.
-    vcpus: Vec<VcpuHandle>,
+    // Field order is drop order: vCPU threads go first (Drop stops them), then the VM fd, then
+    // guest RAM (which the merge thread may still hold a reference to).
+    control: Arc<VmControl>,
     _vm_fd: VmFd,
     ram: Arc<GuestRam>,
-    state: Lifecycle,
     created: Instant,
 }
 
@@ -207,13 +209,13 @@ impl Vm {
                 kernel.entry.0
             );
         }
+        let name_for_control = shared.name.clone();
         Ok(Vm {
             index,
             shared,
-            vcpus,
+            control: Arc::new(VmControl::new(name_for_control, vcpus)),
             _vm_fd: vm_fd,
             ram,
-            state: Lifecycle::Created,
             created,
         })
     }
@@ -227,7 +229,7 @@ impl Vm {
     }
 
     pub fn state(&self) -> Lifecycle {
-        self.state
+        self.control.state()
     }
 
     pub fn shared(&self) -> &Arc<VmShared> {
@@ -248,29 +250,160 @@ impl Vm {
         self.shared.outcome()
     }
 
-    /// Linux thread ids of the vCPU threads.
+    /// The handle other threads (the merge thread) use to pause this VM.
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
     pub fn vcpu_tids(&self) -> Vec<i32> {
-        self.vcpus.iter().map(VcpuHandle::tid).collect()
+        self.control.vcpu_tids()
     }
 
     /// Created or Paused → Running.
-    pub fn resume(&mut self) -> Result<()> {
-        self.transition(
+    pub fn resume(&self) -> Result<()> {
+        self.control.resume()
+    }
+
+    /// Running → Paused: every vCPU is out of the guest when this returns.
+    pub fn pause(&self) -> Result<()> {
+        self.control.pause()
+    }
+
+    /// Asks every vCPU thread to exit without waiting; `finish_stop` collects them.
+    pub fn request_stop(&self) {
+        self.control.request_stop();
+    }
+
+    /// Waits (bounded) for the vCPU threads to exit, joins them and flushes the console.
+    pub fn finish_stop(&self) {
+        if self.control.finish_stop() {
+            self.shared.devices().finish_console();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.request_stop();
+        self.finish_stop();
+    }
+}
+
+/// A VM's vCPU threads and lifecycle, shared between the control loop (start, stop) and the merge
+/// thread (pauses around zero-page reclaim). One lock orders every command: each command is
+/// posted to all vCPUs and acknowledged by all before the next one is posted.
+pub struct VmControl {
+    name: String,
+    inner: Mutex<ControlInner>,
+}
+
+struct ControlInner {
+    vcpus: Vec<VcpuHandle>,
+    state: Lifecycle,
+}
+
+impl VmControl {
+    fn new(name: String, vcpus: Vec<VcpuHandle>) -> VmControl {
+        VmControl {
+            name,
+            inner: Mutex::new(ControlInner {
+                vcpus,
+                state: Lifecycle::Created,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> Lifecycle {
+        self.lock().state
+    }
+
+    pub fn vcpu_tids(&self) -> Vec<i32> {
+        self.lock().vcpus.iter().map(VcpuHandle::tid).collect()
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        let mut inner = self.lock();
+        inner.transition(
             "start",
             &[Lifecycle::Created, Lifecycle::Paused],
             Command::Run,
         )?;
-        self.state = Lifecycle::Running;
+        inner.state = Lifecycle::Running;
         Ok(())
     }
 
-    /// Running → Paused: every vCPU is out of the guest when this returns.
-    pub fn pause(&mut self) -> Result<()> {
-        self.transition("pause", &[Lifecycle::Running], Command::Pause)?;
-        self.state = Lifecycle::Paused;
+    pub fn pause(&self) -> Result<()> {
+        let mut inner = self.lock();
+        inner.transition("pause", &[Lifecycle::Running], Command::Pause)?;
+        inner.state = Lifecycle::Paused;
         Ok(())
     }
 
+    /// Runs `f` while every vCPU of a running VM is out of the guest, then lets them run again.
+    /// Returns `f`'s result and how long the vCPUs were held, or None when the VM is not running
+    /// (not started yet, paused by someone else, or stopping).
+    pub fn with_paused<T>(&self, f: impl FnOnce() -> T) -> Result<Option<(T, Duration)>> {
+        let mut inner = self.lock();
+        if inner.state != Lifecycle::Running {
+            return Ok(None);
+        }
+        let start = Instant::now();
+        inner.transition("pause", &[Lifecycle::Running], Command::Pause)?;
+        let value = f();
+        inner.transition("resume", &[Lifecycle::Running], Command::Run)?;
+        Ok(Some((value, start.elapsed())))
+    }
+
+    /// Asks every vCPU thread to exit without waiting for them.
+    pub fn request_stop(&self) {
+        let mut inner = self.lock();
+        if matches!(inner.state, Lifecycle::Stopping | Lifecycle::Stopped) {
+            return;
+        }
+        for vcpu in &inner.vcpus {
+            vcpu.post(Command::Exit);
+        }
+        inner.state = Lifecycle::Stopping;
+    }
+
+    /// Collects the vCPU threads after `request_stop` (bounded wait per thread). Returns whether
+    /// this call stopped the VM (false when it already was stopped).
+    pub fn finish_stop(&self) -> bool {
+        let mut inner = self.lock();
+        match inner.state {
+            Lifecycle::Stopped => return false,
+            Lifecycle::Stopping => {}
+            _ => {
+                for vcpu in &inner.vcpus {
+                    vcpu.post(Command::Exit);
+                }
+            }
+        }
+        for vcpu in inner.vcpus.drain(..) {
+            let acked = loop {
+                match vcpu.wait_ack(Command::Exit, ACK_TIMEOUT) {
+                    Ok(State::Exited) => break true,
+                    // Acks of earlier commands still in flight.
+                    Ok(_) => continue,
+                    Err(e) => {
+                        log::error!("{}: {e}", self.name);
+                        break false;
+                    }
+                }
+            };
+            vcpu.join(acked);
+        }
+        inner.state = Lifecycle::Stopped;
+        true
+    }
+}
+
+impl ControlInner {
+    /// Posts `command` to every vCPU, then waits for every acknowledgement.
     fn transition(
         &mut self,
         action: &'static str,
@@ -290,45 +423,6 @@ impl Vm {
             vcpu.wait_ack(command, ACK_TIMEOUT)?;
         }
         Ok(())
-    }
-
-    /// Asks every vCPU thread to exit without waiting; `finish_stop` collects them.
-    pub fn request_stop(&self) {
-        for vcpu in &self.vcpus {
-            vcpu.post(Command::Exit);
-        }
-    }
-
-    /// Waits (bounded) for the vCPU threads to exit, joins them and flushes the console.
-    pub fn finish_stop(&mut self) {
-        if self.state == Lifecycle::Stopped {
-            return;
-        }
-        for vcpu in self.vcpus.drain(..) {
-            let acked = loop {
-                match vcpu.wait_ack(Command::Exit, ACK_TIMEOUT) {
-                    Ok(State::Exited) => break true,
-                    // Acks of earlier commands still in flight.
-                    Ok(_) => continue,
-                    Err(e) => {
-                        log::error!("{}: {e}", self.shared.name);
-                        break false;
-                    }
-                }
-            };
-            vcpu.join(acked);
-        }
-        self.shared.devices().finish_console();
-        self.state = Lifecycle::Stopped;
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if self.state != Lifecycle::Stopped {
-            self.request_stop();
-            self.finish_stop();
-        }
     }
 }
 

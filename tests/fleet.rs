@@ -83,7 +83,7 @@ fn lifecycle_transitions_are_checked() {
         input_drained: notify.clone(),
         notify,
     };
-    let mut vm = Vm::build(&host, 0, &payload_vm("then=idle"), &sources, io).unwrap();
+    let vm = Vm::build(&host, 0, &payload_vm("then=idle"), &sources, io).unwrap();
     assert_eq!(vm.state(), Lifecycle::Created);
     assert!(matches!(
         vm.pause(),
@@ -104,9 +104,32 @@ fn lifecycle_transitions_are_checked() {
         vm.resume().unwrap();
     }
     assert!(vm.outcome().is_none(), "an idle guest has not ended");
+
+    // Another thread (the merge thread's role) pauses the VM around work of its own, repeatedly,
+    // while this thread stops the VM: no command is lost and nothing hangs.
+    let control = vm.control().clone();
+    let (value, held) = control
+        .with_paused(|| 42)
+        .unwrap()
+        .expect("a running VM pauses");
+    assert_eq!(value, 42);
+    assert!(held < vm::ACK_TIMEOUT, "paused for {held:?}");
+    let pauser = std::thread::spawn(move || {
+        let mut paused = 0;
+        while let Ok(Some(_)) = control.with_paused(|| ()) {
+            paused += 1;
+        }
+        paused
+    });
+    std::thread::sleep(Duration::from_millis(50));
     vm.request_stop();
     vm.finish_stop();
     assert_eq!(vm.state(), Lifecycle::Stopped);
+    assert!(
+        pauser.join().unwrap() > 0,
+        "the pauser ran while the VM was running"
+    );
+    assert!(vm.control().with_paused(|| ()).unwrap().is_none());
     assert!(matches!(vm.resume(), Err(vm::Error::Transition { .. })));
 }
 
