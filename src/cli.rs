@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use regex::Regex;
 
 use crate::config::{self, Config, ConsoleMode, DedupMode, VmConfig};
+use crate::fleet;
 
 const RUN_EXAMPLES: &str = "\
 Examples:
@@ -48,22 +49,26 @@ pub enum Command {
     /// Boot one or more identical guests and wait for them to end.
     #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
+    /// Show the host's kernel same-page merging (KSM) state: knobs, counters, savings, ksmd's CPU
+    /// time, and whether kvmerge may steer it here.
+    Ksm,
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Guest kernel: an x86_64 bzImage, an ELF vmlinux, or a kvmerge payload ELF.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "fleet")]
+    pub kernel: Option<PathBuf>,
+    /// A fleet file (TOML) describing different kinds of guests; replaces --kernel, --initrd,
+    /// --cmdline, --memory, --vcpus, --count and --dedup. See docs/fleet.md.
+    #[arg(long, value_name = "FILE",
+          conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "count", "dedup"])]
+    pub fleet: Option<PathBuf>,
     /// Initial ramdisk handed to the kernel (e.g. a gzip'd cpio archive).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line; `{index}` is replaced by each guest's index (0, 1, ...).
-    #[arg(
-        long,
-        value_name = "STR",
-        default_value = "console=ttyS0 reboot=k panic=-1"
-    )]
+    #[arg(long, value_name = "STR", default_value = fleet::DEFAULT_CMDLINE)]
     pub cmdline: String,
     /// Guest RAM per VM: 256M, 1G, 1.5G; a bare number is MiB.
     #[arg(long, value_name = "SIZE", default_value = "128M", value_parser = parse_size)]
@@ -73,7 +78,7 @@ pub struct RunArgs {
     pub vcpus: u8,
     /// Number of identical VMs to boot in this process.
     #[arg(long, value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u32).range(0..=MAX_COUNT))]
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(fleet::MAX_VMS)))]
     pub count: u32,
     /// Deduplication: full (KSM across VMs + zero-page reclaim), zero (zero pages only; no
     /// cross-VM sharing), off.
@@ -91,10 +96,6 @@ pub struct RunArgs {
     pub expect: Option<Regex>,
 }
 
-/// A sanity bound on --count: far above what fits in a host's memory at the smallest guest size,
-/// low enough that a typo does not allocate a billion VM descriptions.
-const MAX_COUNT: i64 = 65536;
-
 fn parse_size(s: &str) -> Result<u64, String> {
     config::parse_size(s).map_err(|e| e.to_string())
 }
@@ -109,29 +110,37 @@ fn parse_regex(s: &str) -> Result<Regex, String> {
 
 impl RunArgs {
     /// The run this command line describes. `terminal` says whether stdin and stdout are a TTY.
-    pub fn into_config(self, terminal: bool) -> Config {
+    pub fn into_config(self, terminal: bool) -> Result<Config, fleet::Error> {
         let console = match self.console.as_str() {
             "prefix" => ConsoleMode::Prefix,
             "none" => ConsoleMode::None,
             dir => ConsoleMode::Dir(PathBuf::from(dir)),
         };
-        let interactive = terminal && self.count == 1 && console == ConsoleMode::Prefix;
-        let vm = VmConfig {
-            kernel: self.kernel,
-            initrd: self.initrd,
-            cmdline: self.cmdline,
-            memory: self.memory,
-            vcpus: self.vcpus,
-            dedup: self.dedup,
-            group: config::DEFAULT_GROUP.to_string(),
+        let vms = match (&self.fleet, self.kernel) {
+            (Some(file), _) => fleet::load(file)?,
+            (None, Some(kernel)) => vec![
+                VmConfig {
+                    kernel,
+                    initrd: self.initrd,
+                    cmdline: self.cmdline,
+                    memory: self.memory,
+                    vcpus: self.vcpus,
+                    dedup: self.dedup,
+                    group: config::DEFAULT_GROUP.to_string(),
+                };
+                self.count as usize
+            ],
+            // clap requires one of the two.
+            (None, None) => Vec::new(),
         };
-        Config {
-            vms: vec![vm; self.count as usize],
+        let interactive = terminal && vms.len() == 1 && console == ConsoleMode::Prefix;
+        Ok(Config {
+            vms,
             console,
             timeout: self.timeout,
             expect: self.expect,
             interactive,
-        }
+        })
     }
 }
 
@@ -150,7 +159,8 @@ mod tests {
 
     fn run_config(args: &[&str], terminal: bool) -> Config {
         match parse(args).unwrap().command {
-            Command::Run(run) => run.into_config(terminal),
+            Command::Run(run) => run.into_config(terminal).unwrap(),
+            Command::Ksm => panic!("not a run"),
         }
     }
 
@@ -211,6 +221,18 @@ mod tests {
         assert!(run_config(&["run", "--kernel", "k"], true).interactive);
         assert!(!run_config(&["run", "--kernel", "k", "--console", "none"], true).interactive);
         assert!(!run_config(&["run", "--kernel", "k", "--count", "2"], true).interactive);
+    }
+
+    #[test]
+    fn ksm_subcommand_and_fleet_conflicts() {
+        assert!(matches!(parse(&["ksm"]).unwrap().command, Command::Ksm));
+        assert!(parse(&["run", "--fleet", "f.toml"]).is_ok());
+        assert!(parse(&["run", "--fleet", "f.toml", "--memory", "1G"]).is_err());
+        assert!(parse(&["run", "--fleet", "f.toml", "--kernel", "k"]).is_err());
+        // Defaults shared with fleet files cannot drift apart.
+        let c = run_config(&["run", "--kernel", "k"], false);
+        assert_eq!(c.vms[0].memory, fleet::DEFAULT_MEMORY);
+        assert_eq!(c.vms[0].cmdline, fleet::DEFAULT_CMDLINE);
     }
 
     #[test]

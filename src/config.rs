@@ -113,7 +113,10 @@ impl Config {
         let mut full = self.vms.iter().filter(|vm| vm.dedup == DedupMode::Full);
         if let Some(first) = full.next() {
             if let Some(other) = full.find(|vm| vm.group != first.group) {
-                return Err(Error::GroupsShareKsm(first.group.clone(), other.group.clone()));
+                return Err(Error::GroupsShareKsm(
+                    first.group.clone(),
+                    other.group.clone(),
+                ));
             }
         }
         Ok(())

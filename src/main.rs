@@ -16,9 +16,27 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     init_logging(cli.verbose);
+    // Host KSM knobs kvmerge changed are put back even if some thread panics.
+    kvmerge::dedup::ksm::install_panic_hook();
     match cli.command {
+        Command::Ksm => match kvmerge::dedup::ksm::report(&kvmerge::dedup::ksm::KsmSysfs::host()) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("kvmerge: {}", error_chain(&e));
+                ExitCode::from(1)
+            }
+        },
         Command::Run(args) => {
-            let config = args.into_config(kvmerge::cli::on_terminal());
+            let config = match args.into_config(kvmerge::cli::on_terminal()) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("kvmerge: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
             match runner::run(&config) {
                 Ok(report) => {
                     for line in report.vms.iter().filter_map(|vm| vm.failure_line()) {

@@ -170,3 +170,66 @@ fn pvm_refuses_linux_kernels_plainly() {
         out.dump()
     );
 }
+
+#[test]
+fn fleet_file_boots_heterogeneous_guests() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("fleet-file");
+    let fleet = dir.path().join("fleet.toml");
+    std::fs::write(
+        &fleet,
+        format!(
+            "[defaults]\nkernel = {:?}\nmemory = \"16M\"\n\n\
+             [[vm]]\ncount = 2\ncmdline = \"echo=a{{index}} then=exit:0\"\n\n\
+             [[vm]]\nvcpus = 2\ncmdline = \"echo=b{{index}} then=exit:0\"\n\n\
+             [[vm]]\ndedup = \"zero\"\ngroup = \"other\"\ncmdline = \"echo=c{{index}} then=exit:5\"\n",
+            payload()
+        ),
+    )
+    .unwrap();
+    let mut cmd = kvmerge();
+    cmd.args(["run", "--fleet"]).arg(&fleet);
+    let out = run_with_limit(cmd, Duration::from_secs(60));
+    assert_eq!(out.code(), Some(1), "vm3 exits 5\n{}", out.dump());
+    for line in [
+        "[vm0] PAYLOAD-ECHO a0",
+        "[vm1] PAYLOAD-ECHO a1",
+        "[vm2] PAYLOAD-READY cpus=2",
+        "[vm2] PAYLOAD-ECHO b2",
+        "[vm3] PAYLOAD-ECHO c3",
+    ] {
+        assert!(
+            out.stdout.lines().any(|l| l == line),
+            "missing {line:?}\n{}",
+            out.dump()
+        );
+    }
+    assert_eq!(
+        out.stderr.trim(),
+        "kvmerge: vm3: exited with code 5",
+        "{}",
+        out.dump()
+    );
+
+    // Two trust groups may not both use KSM.
+    std::fs::write(
+        &fleet,
+        format!(
+            "[defaults]\nkernel = {:?}\nmemory = \"16M\"\n[[vm]]\ngroup = \"a\"\n[[vm]]\ngroup = \"b\"\n",
+            payload()
+        ),
+    )
+    .unwrap();
+    let mut cmd = kvmerge();
+    cmd.args(["run", "--fleet"]).arg(&fleet);
+    let out = run_with_limit(cmd, Duration::from_secs(60));
+    assert_eq!(out.code(), Some(2), "{}", out.dump());
+    assert!(
+        out.stderr.contains("one KSM pool per host"),
+        "{}",
+        out.dump()
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.dump());
+}

@@ -66,6 +66,15 @@
 
 /* Each idle-port read blocks for up to 10 ms, so this is ~10 s at worst. */
 #define SMP_MAX_POLLS 1000
+#define IDLE_POLL_MS 10
+
+/* then=churn (see the churn section below). */
+#define CHURN_MAX_PAGES (1024ULL << 8) /* 1 GiB of fill in 4 KiB pages */
+#define CHURN_MAX_ROUNDS 16383	       /* fits the 14-bit round of a page's state */
+#define CHURN_DEFAULT_IDLE_MS 200
+#define CHURN_MAX_IDLE_MS 3600000
+#define CHURN_MISMATCH_EXIT 3
+#define CHURN_REPORT_MAX 10
 
 /*
  * Incremented once by every application processor, read by the BSP. 64-bit
@@ -381,20 +390,60 @@ static bool next_param(struct str *rest, struct param *out)
 	return true;
 }
 
-enum then_action { THEN_EXIT, THEN_IDLE, THEN_CRASH, THEN_RESET, THEN_CONSOLE };
+enum then_action { THEN_EXIT, THEN_IDLE, THEN_CRASH, THEN_RESET, THEN_CONSOLE, THEN_CHURN };
 
 struct config {
 	uint64_t fill_mib;
 	uint64_t patterns;
+	uint64_t zeros_mib;
+	uint64_t seed;
 	enum then_action then;
 	uint32_t exit_code;
+	uint64_t churn_rounds;
+	uint64_t churn_idle_ms;
+	bool churn_selftest;
 };
+
+/* Splits s at the first ':' (head, tail); false when there is none. */
+static bool split_colon(struct str s, struct str *head, struct str *tail)
+{
+	for (size_t i = 0; i < s.len; i++) {
+		if (s.p[i] == ':') {
+			*head = (struct str){ s.p, i };
+			*tail = (struct str){ s.p + i + 1, s.len - i - 1 };
+			return true;
+		}
+	}
+	return false;
+}
+
+/* "ROUNDS" or "ROUNDS:IDLE_MS", the part of then=churn:... after "churn:". */
+static bool parse_churn(struct str val, struct config *cfg)
+{
+	struct str rounds = val;
+	struct str idle;
+	uint64_t idle_ms = CHURN_DEFAULT_IDLE_MS;
+
+	if (split_colon(val, &rounds, &idle) &&
+	    (!parse_u64(idle, &idle_ms) || idle_ms > CHURN_MAX_IDLE_MS))
+		return false;
+	if (!parse_u64(rounds, &cfg->churn_rounds) || cfg->churn_rounds == 0 ||
+	    cfg->churn_rounds > CHURN_MAX_ROUNDS)
+		return false;
+	cfg->then = THEN_CHURN;
+	cfg->churn_idle_ms = idle_ms;
+	return true;
+}
 
 static bool parse_then(struct str val, struct config *cfg)
 {
 	static const char exit_prefix[] = "exit:";
 	const size_t prefix_len = sizeof(exit_prefix) - 1;
+	static const char churn_prefix[] = "churn:";
+	const size_t churn_len = sizeof(churn_prefix) - 1;
 
+	if (val.len >= churn_len && str_eq((struct str){ val.p, churn_len }, churn_prefix))
+		return parse_churn((struct str){ val.p + churn_len, val.len - churn_len }, cfg);
 	if (str_eq(val, "idle")) {
 		cfg->then = THEN_IDLE;
 		return true;
@@ -434,6 +483,7 @@ static struct config parse_config(struct str cmdline)
 {
 	struct config cfg = { .fill_mib = 0, .patterns = 1, .then = THEN_EXIT, .exit_code = 0 };
 	struct param prm;
+	uint64_t selftest;
 
 	while (next_param(&cmdline, &prm)) {
 		if (str_eq(prm.key, "fill")) {
@@ -445,6 +495,16 @@ static struct config parse_config(struct str cmdline)
 		} else if (str_eq(prm.key, "then")) {
 			if (!prm.has_val || !parse_then(prm.val, &cfg))
 				fail("bad then");
+		} else if (str_eq(prm.key, "zeros")) {
+			if (!prm.has_val || !parse_u64(prm.val, &cfg.zeros_mib))
+				fail("bad zeros");
+		} else if (str_eq(prm.key, "seed")) {
+			if (!prm.has_val || !parse_u64(prm.val, &cfg.seed))
+				fail("bad seed");
+		} else if (str_eq(prm.key, "churn_selftest")) {
+			if (!prm.has_val || !parse_u64(prm.val, &selftest) || selftest > 1)
+				fail("bad churn_selftest");
+			cfg.churn_selftest = selftest == 1;
 		} else if (str_eq(prm.key, "echo")) {
 			if (!prm.has_val)
 				fail("bad echo");
@@ -641,6 +701,39 @@ static uint64_t fill_bytes(uint64_t boot_params, uint64_t mib, struct range init
 	return bytes;
 }
 
+/*
+ * Size in bytes of zeros=MIB, the area right after the fill (at 4 MiB when
+ * there is no fill), with the same checks as the fill.
+ */
+static uint64_t zeros_bytes(uint64_t boot_params, uint64_t fill, uint64_t mib, struct range initrd)
+{
+	uint64_t base = FILL_BASE + fill;
+
+	if (mib == 0)
+		return 0;
+	if (mib > (MAPPED_LIMIT - base) >> 20) /* also keeps mib << 20 from overflowing */
+		fail("zeros does not fit");
+
+	uint64_t bytes = mib << 20;
+	uint64_t end = base + bytes;
+
+	if (end > e820_ram_end(boot_params, FILL_BASE))
+		fail("zeros does not fit");
+	if (initrd.size && initrd.start < end && base < initrd.start + initrd.size)
+		fail("zeros does not fit");
+	return bytes;
+}
+
+/*
+ * Explicit zero stores, so every page becomes resident (and all-zero) in the
+ * VMM even though guest RAM starts zeroed.
+ */
+static void zero_words(uint64_t *base, uint64_t words)
+{
+	for (uint64_t i = 0; i < words; i++)
+		base[i] = 0;
+}
+
 /* Page i gets pattern p = i mod k; word w of pattern p is splitmix64(p * 512 + w). */
 static void fill_pages(uint64_t *base, uint64_t pages, uint64_t k)
 {
@@ -664,6 +757,229 @@ static uint64_t word_sum(const uint64_t *base, uint64_t words)
 	for (uint64_t i = 0; i < words; i++)
 		sum += base[i];
 	return sum;
+}
+
+/* ---- Churn (then=churn): rewrite, idle, re-verify, in rounds ---- */
+
+/*
+ * What a fill page holds. The content of every non-zero kind is
+ * splitmix64(key + w) for word w, with the key from churn_key().
+ */
+enum page_kind {
+	KIND_FILL = 0,	/* the fill's pattern i mod K (key (i mod K) * 512) */
+	KIND_ZERO = 1,	/* all zero */
+	KIND_SHARED = 2, /* depends on the round and i mod K only: the same in every VM */
+	KIND_UNIQUE = 3, /* depends on the seed, the round and i: unique to this VM and page */
+	KIND_KEEP = 4,	/* schedule only: leave the page as it is this round */
+};
+
+#define SHARED_TAG 0x5348000000000000ULL /* "SH" */
+#define UNIQUE_TAG 0x554e000000000000ULL /* "UN" */
+
+/*
+ * Round r rewrites non-static page i as churn_schedule[(i + r) mod 12]. Over
+ * 12 rounds a page sees every write-after-write pair of {zero, shared, unique}
+ * and is kept unchanged for a round after each kind; every round rewrites a
+ * quarter of the pages with each kind and keeps a quarter. Static pages
+ * (i mod 8 == 7) keep their fill content for the whole run.
+ */
+#define CHURN_SCHEDULE_LEN 12
+#define CHURN_STATIC_PERIOD 8
+
+static const uint8_t churn_schedule[CHURN_SCHEDULE_LEN] = {
+	KIND_ZERO,   KIND_KEEP,	  KIND_ZERO,   KIND_SHARED, KIND_KEEP,	 KIND_SHARED,
+	KIND_UNIQUE, KIND_KEEP,	  KIND_UNIQUE, KIND_ZERO,   KIND_UNIQUE, KIND_SHARED,
+};
+
+/*
+ * What the payload believes page i holds: kind << 14 | round of the last
+ * write (0 for the fill). 2 bytes a page keep 1 GiB of fill at 512 KiB of
+ * .bss; it is guest RAM too, so it is merged and reclaimed like the rest.
+ */
+#define STATE_ROUND_BITS 14
+static uint16_t churn_state[CHURN_MAX_PAGES];
+
+static inline uint16_t churn_state_of(enum page_kind kind, uint64_t round)
+{
+	return (uint16_t)((unsigned)kind << STATE_ROUND_BITS | (unsigned)round);
+}
+
+struct churn_ctx {
+	uint64_t *area;
+	uint64_t pages;
+	uint64_t patterns;
+	uint64_t seed;
+};
+
+static uint64_t churn_key(const struct churn_ctx *c, enum page_kind kind, uint64_t i, uint64_t round)
+{
+	switch (kind) {
+	case KIND_SHARED:
+		return splitmix64(splitmix64(SHARED_TAG | round) + i % c->patterns);
+	case KIND_UNIQUE:
+		return splitmix64(splitmix64(splitmix64(UNIQUE_TAG | round) + c->seed) + i);
+	default: /* KIND_FILL (KIND_ZERO has no key) */
+		return i % c->patterns * WORDS_PER_PAGE;
+	}
+}
+
+static void write_page(uint64_t *page, enum page_kind kind, uint64_t key)
+{
+	if (kind == KIND_ZERO) {
+		zero_words(page, WORDS_PER_PAGE);
+		return;
+	}
+	for (uint64_t w = 0; w < WORDS_PER_PAGE; w++)
+		page[w] = splitmix64(key + w);
+}
+
+static inline uint64_t expected_word(enum page_kind kind, uint64_t key, uint64_t w)
+{
+	return kind == KIND_ZERO ? 0 : splitmix64(key + w);
+}
+
+/*
+ * Whether the page differs from the expected content; *word is then the first
+ * differing word, or WORDS_PER_PAGE if the page changed back between the two
+ * passes (which nothing in the guest does: still a failure).
+ */
+static bool page_differs(const uint64_t *page, enum page_kind kind, uint64_t key, uint64_t *word)
+{
+	uint64_t diff = 0;
+
+	/* Branch-free pass first; only a bad page pays for finding the word. */
+	if (kind == KIND_ZERO) {
+		for (uint64_t w = 0; w < WORDS_PER_PAGE; w++)
+			diff |= page[w];
+	} else {
+		for (uint64_t w = 0; w < WORDS_PER_PAGE; w++)
+			diff |= page[w] ^ splitmix64(key + w);
+	}
+	if (!diff)
+		return false;
+	for (*word = 0; *word < WORDS_PER_PAGE; (*word)++)
+		if (page[*word] != expected_word(kind, key, *word))
+			break;
+	return true;
+}
+
+struct mismatch {
+	uint64_t page;
+	uint64_t word;
+	uint64_t got;
+	uint64_t want;
+};
+
+static struct mismatch churn_reports[CHURN_REPORT_MAX];
+
+/* Rewrites every page the schedule picks for this round and records its new state. */
+static void churn_write(const struct churn_ctx *c, uint64_t round)
+{
+	for (uint64_t i = 0; i < c->pages; i++) {
+		if (i % CHURN_STATIC_PERIOD == CHURN_STATIC_PERIOD - 1)
+			continue;
+
+		enum page_kind kind = churn_schedule[(i + round) % CHURN_SCHEDULE_LEN];
+
+		if (kind == KIND_KEEP)
+			continue;
+		write_page(c->area + i * WORDS_PER_PAGE, kind, churn_key(c, kind, i, round));
+		churn_state[i] = churn_state_of(kind, round);
+	}
+}
+
+/*
+ * Re-reads every page against its recorded state. A bad page is reported (the
+ * first CHURN_REPORT_MAX over the run), then rewritten with what it should
+ * hold, so one lost write is counted once and later rounds check fresh data.
+ */
+static uint64_t churn_verify(const struct churn_ctx *c, uint64_t *reported)
+{
+	uint64_t bad = 0;
+
+	for (uint64_t i = 0; i < c->pages; i++) {
+		uint64_t *page = c->area + i * WORDS_PER_PAGE;
+		uint16_t st = churn_state[i];
+		enum page_kind kind = (enum page_kind)(st >> STATE_ROUND_BITS);
+		uint64_t round = st & ((1u << STATE_ROUND_BITS) - 1);
+		uint64_t key = kind == KIND_ZERO ? 0 : churn_key(c, kind, i, round);
+		uint64_t w;
+
+		if (!page_differs(page, kind, key, &w))
+			continue;
+		bad++;
+		if (*reported < CHURN_REPORT_MAX) {
+			struct mismatch *m = &churn_reports[(*reported)++];
+
+			*m = (struct mismatch){ i, w, 0, 0 };
+			if (w < WORDS_PER_PAGE) {
+				m->got = page[w];
+				m->want = expected_word(kind, key, w);
+			}
+		}
+		write_page(page, kind, key);
+	}
+	return bad;
+}
+
+static _Noreturn void churn(uint64_t *area, uint64_t pages, const struct config *cfg)
+{
+	const struct churn_ctx c = { area, pages, cfg->patterns, cfg->seed };
+	const uint64_t idle_polls = (cfg->churn_idle_ms + IDLE_POLL_MS - 1) / IDLE_POLL_MS;
+	uint64_t verified = 0;
+	uint64_t mismatches = 0;
+	uint64_t reported = 0;
+
+	for (uint64_t i = 0; i < pages; i++)
+		churn_state[i] = churn_state_of(KIND_FILL, 0);
+
+	for (uint64_t round = 1; round <= cfg->churn_rounds; round++) {
+		churn_write(&c, round);
+		if (cfg->churn_selftest && round == 1) {
+			/* Self-test: one wrong word behind the recorded state's back. */
+			uint64_t *victim = area + pages / 2 * WORDS_PER_PAGE + 7;
+
+			*victim = ~*victim;
+		}
+		/* Verification must re-read memory after the idle, not reuse what was written. */
+		__asm__ volatile("" : : : "memory");
+		for (uint64_t n = 0; n < idle_polls; n++)
+			idle_poll();
+
+		uint64_t bad = churn_verify(&c, &reported);
+
+		verified += pages;
+		mismatches += bad;
+		put_str("PAYLOAD-CHURN round=");
+		put_dec(round);
+		put_str(" pages=");
+		put_dec(pages);
+		put_str(" mismatches=");
+		put_dec(bad);
+		put_char('\n');
+	}
+
+	put_str("PAYLOAD-CHURNED rounds=");
+	put_dec(cfg->churn_rounds);
+	put_str(" pages=");
+	put_dec(verified);
+	put_str(" mismatches=");
+	put_dec(mismatches);
+	put_char('\n');
+	if (mismatches == 0)
+		debug_exit(0);
+	for (uint64_t n = 0; n < reported; n++) {
+		put_str("PAYLOAD-MISMATCH page=");
+		put_dec(churn_reports[n].page);
+		put_str(" word=");
+		put_dec(churn_reports[n].word);
+		put_str(" got=");
+		put_hex(churn_reports[n].got);
+		put_str(" want=");
+		put_hex(churn_reports[n].want);
+		put_char('\n');
+	}
+	debug_exit(CHURN_MISMATCH_EXIT);
 }
 
 /* ---- Interactive console (then=console) ---- */
@@ -741,6 +1057,12 @@ static _Noreturn void bsp_main(uint64_t boot_params)
 	struct config cfg = parse_config(cmdline);
 	struct range initrd = read_initrd(boot_params);
 	uint64_t fill = fill_bytes(boot_params, cfg.fill_mib, initrd);
+	uint64_t zeros = zeros_bytes(boot_params, fill, cfg.zeros_mib, initrd);
+
+	if (cfg.then == THEN_CHURN && fill == 0)
+		fail("churn needs fill");
+	if (cfg.then == THEN_CHURN && fill / PAGE_SIZE > CHURN_MAX_PAGES)
+		fail("churn fill too large");
 
 	print_echoes(cmdline);
 
@@ -763,6 +1085,13 @@ static _Noreturn void bsp_main(uint64_t boot_params)
 		put_char('\n');
 	}
 
+	if (zeros) {
+		zero_words((uint64_t *)(uintptr_t)(FILL_BASE + fill), zeros / 8);
+		put_str("PAYLOAD-ZEROED ");
+		put_dec(cfg.zeros_mib);
+		put_char('\n');
+	}
+
 	switch (cfg.then) {
 	case THEN_EXIT:
 		debug_exit(cfg.exit_code);
@@ -772,6 +1101,8 @@ static _Noreturn void bsp_main(uint64_t boot_params)
 		reset();
 	case THEN_CONSOLE:
 		console_loop();
+	case THEN_CHURN:
+		churn((uint64_t *)(uintptr_t)FILL_BASE, fill / PAGE_SIZE, &cfg);
 	case THEN_IDLE:
 		break;
 	}
