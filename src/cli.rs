@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use regex::Regex;
 
 use crate::config::{self, Config, ConsoleMode, DedupMode, VmConfig};
+use crate::dedup::policy::PolicyKind;
 use crate::fleet;
 
 const RUN_EXAMPLES: &str = "\
@@ -48,7 +49,7 @@ pub struct Cli {
 pub enum Command {
     /// Boot one or more identical guests and wait for them to end.
     #[command(after_help = RUN_EXAMPLES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the host's kernel same-page merging (KSM) state: knobs, counters, savings, ksmd's CPU
     /// time, and whether kvmerge may steer it here.
     Ksm,
@@ -94,6 +95,19 @@ pub struct RunArgs {
     /// A guest passes only if a line of its console matches this regular expression.
     #[arg(long, value_name = "REGEX", value_parser = parse_regex)]
     pub expect: Option<Regex>,
+    /// How kvmerge steers the host's KSM scanning while it owns the knobs (as root): 'adaptive'
+    /// (fast while guests boot or idle with new memory, slow once merged, backs off while guests
+    /// are busy), 'kernel' (leave the host's settings alone), 'fixed:PAGES:MS' (pages_to_scan and
+    /// sleep_millisecs), 'off' (no merging while kvmerge runs). The host's settings are restored
+    /// on exit.
+    #[arg(long, value_name = "POLICY", default_value = "adaptive", value_parser = parse_policy)]
+    pub ksm_policy: PolicyKind,
+    /// Append one JSON object of dedup figures per second, and a final one, to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub stats: Option<PathBuf>,
+    /// Print the per-VM dedup summary table on stderr at the end (the default on a terminal).
+    #[arg(long)]
+    pub summary: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -102,6 +116,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     config::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_policy(s: &str) -> Result<PolicyKind, String> {
+    s.parse::<PolicyKind>().map_err(|e| e.to_string())
 }
 
 fn parse_regex(s: &str) -> Result<Regex, String> {
@@ -134,14 +152,24 @@ impl RunArgs {
             (None, None) => Vec::new(),
         };
         let interactive = terminal && vms.len() == 1 && console == ConsoleMode::Prefix;
+        // The status line shares the terminal only when guest consoles do not write to it.
+        let status_line = stderr_is_terminal() && console != ConsoleMode::Prefix;
         Ok(Config {
             vms,
             console,
             timeout: self.timeout,
             expect: self.expect,
             interactive,
+            ksm_policy: self.ksm_policy,
+            stats: self.stats,
+            status_line,
+            summary: self.summary || stderr_is_terminal(),
         })
     }
+}
+
+fn stderr_is_terminal() -> bool {
+    std::io::stderr().is_terminal()
 }
 
 /// Whether kvmerge talks to a person: stdin and stdout both terminals.
@@ -229,6 +257,18 @@ mod tests {
         assert!(parse(&["run", "--fleet", "f.toml"]).is_ok());
         assert!(parse(&["run", "--fleet", "f.toml", "--memory", "1G"]).is_err());
         assert!(parse(&["run", "--fleet", "f.toml", "--kernel", "k"]).is_err());
+        let c = run_config(
+            &["run", "--kernel", "k", "--ksm-policy", "fixed:5000:10"],
+            false,
+        );
+        assert_eq!(
+            c.ksm_policy,
+            PolicyKind::Fixed {
+                pages_to_scan: 5000,
+                sleep_millisecs: 10
+            }
+        );
+        assert!(parse(&["run", "--kernel", "k", "--ksm-policy", "fast"]).is_err());
         // Defaults shared with fleet files cannot drift apart.
         let c = run_config(&["run", "--kernel", "k"], false);
         assert_eq!(c.vms[0].memory, fleet::DEFAULT_MEMORY);

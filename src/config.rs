@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use regex::Regex;
 
+use crate::dedup::policy::PolicyKind;
+
 /// Smallest guest RAM kvmerge accepts: the boot structures live below 1 MiB and the kernel above it.
 pub const MIN_MEMORY: u64 = 2 << 20;
 /// Guest RAM is mapped and registered in whole pages.
@@ -93,9 +95,33 @@ pub struct Config {
     pub expect: Option<Regex>,
     /// Forward stdin to the guest's serial port (single guest on a terminal).
     pub interactive: bool,
+    /// How kvmerge steers the host's KSM while it owns the knobs.
+    pub ksm_policy: PolicyKind,
+    /// Append one JSON object of dedup figures per second (and a final one) to this file.
+    pub stats: Option<PathBuf>,
+    /// Refresh a one-line dedup status on stderr about once a second.
+    pub status_line: bool,
+    /// Print the per-VM dedup summary table on stderr at the end.
+    pub summary: bool,
 }
 
 impl Config {
+    /// A run of `vms` with every other setting at its default: consoles on stdout, no timeout,
+    /// no `--expect`, adaptive KSM policy, no stats output.
+    pub fn new(vms: Vec<VmConfig>) -> Config {
+        Config {
+            vms,
+            console: ConsoleMode::Prefix,
+            timeout: None,
+            expect: None,
+            interactive: false,
+            ksm_policy: PolicyKind::Adaptive,
+            stats: None,
+            status_line: false,
+            summary: false,
+        }
+    }
+
     /// Checks values that are wrong whatever the host (the host-dependent checks happen at build time).
     pub fn validate(&self) -> Result<()> {
         if self.vms.is_empty() {
@@ -209,21 +235,15 @@ mod tests {
     use super::*;
 
     fn config() -> Config {
-        Config {
-            vms: vec![VmConfig {
-                kernel: "k".into(),
-                initrd: None,
-                cmdline: "id={index}".into(),
-                memory: 64 << 20,
-                vcpus: 1,
-                dedup: DedupMode::Full,
-                group: DEFAULT_GROUP.into(),
-            }],
-            console: ConsoleMode::Prefix,
-            timeout: None,
-            expect: None,
-            interactive: false,
-        }
+        Config::new(vec![VmConfig {
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: "id={index}".into(),
+            memory: 64 << 20,
+            vcpus: 1,
+            dedup: DedupMode::Full,
+            group: DEFAULT_GROUP.into(),
+        }])
     }
 
     #[test]

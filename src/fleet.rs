@@ -395,7 +395,7 @@ impl Visitor<'_> for MemoryVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, ConsoleMode};
+    use crate::config::Config;
 
     const BASE: &str = "/srv/fleets";
 
@@ -413,14 +413,7 @@ mod tests {
     }
 
     fn validate(vms: Vec<VmConfig>) -> Result<(), config::Error> {
-        Config {
-            vms,
-            console: ConsoleMode::None,
-            timeout: None,
-            expect: None,
-            interactive: false,
-        }
-        .validate()
+        Config::new(vms).validate()
     }
 
     #[test]

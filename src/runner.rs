@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -16,8 +16,13 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::arch::{self, EntryMode};
+use crate::config::DedupMode;
 use crate::config::{self, Config, ConsoleMode};
 use crate::console::{ConsoleSink, Expect, Output};
+use crate::dedup::ksm::{Knob, KsmOwner, KsmSysfs};
+use crate::dedup::merge::{self, MergeThread, MergeVm};
+use crate::dedup::policy::PolicyKind;
+use crate::dedup::report;
 use crate::kvm::{self, Flavor, Host};
 use crate::loader::{self, InitrdImage, KernelImage};
 use crate::memory;
@@ -65,6 +70,12 @@ pub enum Error {
     },
     #[error(transparent)]
     Memory(memory::Error),
+    #[error("cannot create --stats file {path}: {source}")]
+    StatsFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot set up the control loop: {0}")]
     Control(String),
 }
@@ -79,7 +90,8 @@ impl Error {
             | Error::TooManyVcpus { .. }
             | Error::PvmLinux(_)
             | Error::ConsoleDir { .. }
-            | Error::ConsoleFile { .. } => true,
+            | Error::ConsoleFile { .. }
+            | Error::StatsFile { .. } => true,
             Error::Build { source, .. } => matches!(
                 source,
                 vm::Error::Loader(_) | vm::Error::Memory(crate::memory::Error::Map { .. })
@@ -131,6 +143,8 @@ pub struct Report {
     pub vms: Vec<VmReport>,
     pub timed_out: bool,
     pub signal: Option<i32>,
+    /// The merge thread's final figures.
+    pub dedup: Option<merge::Status>,
 }
 
 impl Report {
@@ -256,6 +270,30 @@ pub fn run(cfg: &Config) -> Result<Report> {
     }
     log::info!("built {} VM(s)", vms.len());
 
+    // Dedup: kvmerge's hold on the host's KSM knobs (restored when the last reference drops, on
+    // every way out of this function), and the merge thread.
+    let ksm_owner = take_ksm(cfg);
+    let merge_vms = vms
+        .iter()
+        .zip(&cfg.vms)
+        .map(|(vm, vm_cfg)| MergeVm {
+            name: vm.name().to_string(),
+            dedup: vm_cfg.dedup,
+            control: vm.control().clone(),
+            ram: vm.ram().clone(),
+        })
+        .collect();
+    let merge_opts = merge::Options {
+        policy: cfg.ksm_policy,
+        ..merge::Options::default()
+    };
+    let merge = MergeThread::start(merge_vms, ksm_owner.clone(), merge_opts)
+        .map_err(|e| Error::Control(format!("cannot start the merge thread: {e}")))?;
+    let stats = match &cfg.stats {
+        Some(path) => Some(StatsFile::create(path)?),
+        None => None,
+    };
+
     let _raw = if cfg.interactive {
         match RawMode::enter(libc::STDIN_FILENO) {
             Ok(guard) => {
@@ -291,7 +329,18 @@ pub fn run(cfg: &Config) -> Result<Report> {
         escape: EscapeDecoder::default(),
         timed_out: false,
         signal: None,
+        merge: Some(merge),
+        stats,
+        stats_timer: None,
+        status_line: cfg.status_line,
     }));
+    if cfg.status_line || cfg.stats.is_some() {
+        let mut timer = TimerFd::new().map_err(|e| Error::Control(e.to_string()))?;
+        timer
+            .reset(STATS_PERIOD, Some(STATS_PERIOD))
+            .map_err(|e| Error::Control(e.to_string()))?;
+        lock(&control).stats_timer = Some(timer);
+    }
     if let Some(timeout) = cfg.timeout {
         let mut timer = TimerFd::new().map_err(|e| Error::Control(e.to_string()))?;
         timer
@@ -312,6 +361,20 @@ pub fn run(cfg: &Config) -> Result<Report> {
 
     let mut c = lock(&control);
     let vms = std::mem::take(&mut c.vms);
+    // Guests have stopped but their RAM is still mapped: the merge thread's last accounting sees
+    // what they ended with.
+    let dedup = c.merge.take().map(MergeThread::stop);
+    if let Some(status) = &dedup {
+        if c.status_line {
+            eprintln!();
+        }
+        if let Some(stats) = &mut c.stats {
+            stats.write(status, true);
+        }
+        if cfg.summary {
+            eprintln!("{}", report::summary_table(status));
+        }
+    }
     let reports: Vec<VmReport> = vms
         .iter()
         .zip(&expects)
@@ -332,11 +395,97 @@ pub fn run(cfg: &Config) -> Result<Report> {
         })
         .collect();
     teardown(vms);
+    drop(ksm_owner);
     Ok(Report {
         vms: reports,
         timed_out: c.timed_out,
         signal: c.signal,
+        dedup,
     })
+}
+
+/// Takes ownership of the host's KSM knobs when kvmerge should steer them: some guest uses
+/// `full` dedup, the policy is not `kernel`, and this process may write them. Otherwise says
+/// once why not, and guests are merged (or not) at the host's own settings.
+fn take_ksm(cfg: &Config) -> Option<Arc<KsmOwner>> {
+    if cfg.ksm_policy == PolicyKind::Kernel || !cfg.vms.iter().any(|vm| vm.dedup == DedupMode::Full)
+    {
+        return None;
+    }
+    let sysfs = KsmSysfs::host();
+    if let Err(why) = sysfs.writable() {
+        log::warn!(
+            "not steering host KSM ({why}): guests merge at the host's own KSM settings; \
+             zero-page reclaim and accounting still run"
+        );
+        return None;
+    }
+    match KsmOwner::take(sysfs, merge::OWNED_KNOBS) {
+        Ok(owner) => {
+            // Zero pages merge into the kernel's zero page instead of one KSM page per content;
+            // smart scanning skips pages that keep failing to merge; the kernel's own advisor
+            // would fight the policy over pages_to_scan.
+            for (knob, value) in [
+                (Knob::AdvisorMode, "none"),
+                (Knob::UseZeroPages, "1"),
+                (Knob::SmartScan, "1"),
+            ] {
+                if owner.original(knob).is_some() {
+                    if let Err(e) = owner.set(knob, value) {
+                        log::warn!("cannot set KSM {knob}: {e}");
+                    }
+                }
+            }
+            Some(Arc::new(owner))
+        }
+        Err(e) => {
+            log::warn!("not steering host KSM ({e}); zero-page reclaim and accounting still run");
+            None
+        }
+    }
+}
+
+/// How often the status line and `--stats` are refreshed.
+const STATS_PERIOD: Duration = Duration::from_secs(1);
+
+/// `--stats FILE`: one JSON object per line.
+struct StatsFile {
+    out: std::io::BufWriter<File>,
+    failed: bool,
+}
+
+impl StatsFile {
+    fn create(path: &std::path::Path) -> Result<StatsFile> {
+        let file = File::create(path).map_err(|source| Error::StatsFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(StatsFile {
+            out: std::io::BufWriter::new(file),
+            failed: false,
+        })
+    }
+
+    fn write(&mut self, status: &merge::Status, last: bool) {
+        if self.failed {
+            return;
+        }
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            #[serde(rename = "final")]
+            last: bool,
+            #[serde(flatten)]
+            status: &'a merge::Status,
+        }
+        let result = serde_json::to_writer(&mut self.out, &Line { last, status })
+            .map_err(std::io::Error::from)
+            .and_then(|()| self.out.write_all(b"\n"))
+            .and_then(|()| self.out.flush());
+        if let Err(e) = result {
+            log::warn!("--stats: cannot write ({e}); no more figures will be written");
+            self.failed = true;
+        }
+    }
 }
 
 /// Builds every VM of the fleet, spread over the host's CPUs: most of a VM's build time is spent
@@ -447,6 +596,7 @@ const EV_NOTIFY: u32 = 2;
 const EV_TIMER: u32 = 3;
 const EV_STDIN: u32 = 4;
 const EV_INPUT_DRAINED: u32 = 5;
+const EV_STATS: u32 = 6;
 
 struct Control {
     vms: Vec<Vm>,
@@ -462,9 +612,25 @@ struct Control {
     escape: EscapeDecoder,
     timed_out: bool,
     signal: Option<i32>,
+    merge: Option<MergeThread>,
+    stats: Option<StatsFile>,
+    stats_timer: Option<TimerFd>,
+    status_line: bool,
 }
 
 impl Control {
+    /// Publishes the merge thread's latest figures: status line and `--stats`.
+    fn on_stats_tick(&mut self) {
+        let Some(merge) = &self.merge else { return };
+        let status = merge.status();
+        if self.status_line {
+            eprint!("\r{}\x1b[K", report::status_line(&status));
+        }
+        if let Some(stats) = &mut self.stats {
+            stats.write(&status, false);
+        }
+    }
+
     fn finished(&self) -> bool {
         self.vms
             .iter()
@@ -564,6 +730,9 @@ impl MutEventSubscriber for Control {
         if let Some(timer) = &self.timer {
             add(timer.as_raw_fd(), EV_TIMER);
         }
+        if let Some(timer) = &self.stats_timer {
+            add(timer.as_raw_fd(), EV_STATS);
+        }
         if self.stdin {
             add(libc::STDIN_FILENO, EV_STDIN);
         }
@@ -591,6 +760,12 @@ impl MutEventSubscriber for Control {
                 stop_all(&mut self.vms, VmEnd::Timeout);
             }
             EV_STDIN => self.on_stdin(ops),
+            EV_STATS => {
+                if let Some(timer) = &mut self.stats_timer {
+                    let _ = timer.wait();
+                }
+                self.on_stats_tick();
+            }
             EV_INPUT_DRAINED => {
                 let _ = self.input_drained.read();
                 if !self.pending_input.is_empty() {

@@ -37,11 +37,9 @@ fn one_crash_among_eight_ends_only_that_guest() {
     let mut vms: Vec<VmConfig> = (0..8).map(|_| payload_vm("fill=2 then=exit:0")).collect();
     vms[3] = payload_vm("fill=2 then=crash");
     let cfg = Config {
-        vms,
         console: ConsoleMode::Dir(dir.path().to_path_buf()),
         timeout: Some(Duration::from_secs(60)),
-        expect: None,
-        interactive: false,
+        ..Config::new(vms)
     };
     let report = runner::run(&cfg).expect("the run itself must succeed");
     assert_eq!(report.vms.len(), 8);

@@ -1,5 +1,9 @@
 //! Deduplication: the host's KSM, the merge policy, zero-page reclaim, and per-VM accounting,
 //! coordinated by the one merge thread of the process.
 
+pub mod accounting;
 pub mod ksm;
+pub mod merge;
+pub mod policy;
+pub mod report;
 pub mod zero;

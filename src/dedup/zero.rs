@@ -18,8 +18,14 @@ use crate::vm::{self, VmControl};
 pub const PAGE_SIZE: usize = 4096;
 const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;
 
-/// Pages checked per pause: 2 MiB, a re-check of ~0.1 ms plus the drop.
-pub const DEFAULT_BATCH_PAGES: usize = 512;
+/// Pages checked per pause at first; the scanner then sizes batches so that a pause lasts about
+/// [`TARGET_PAUSE`] on this host (dropping a page costs more where the hypervisor shadows guest
+/// page tables than with EPT/NPT).
+pub const DEFAULT_BATCH_PAGES: usize = 64;
+const MIN_BATCH_PAGES: usize = 16;
+const MAX_BATCH_PAGES: usize = 4096;
+/// What one pause should cost the guest.
+pub const TARGET_PAUSE: Duration = Duration::from_micros(400);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -67,9 +73,25 @@ impl ZeroScanner {
     pub fn new(batch_pages: usize) -> ZeroScanner {
         ZeroScanner {
             cursor: 0,
-            batch_pages: batch_pages.max(1),
-            residency: vec![0; batch_pages.max(1)],
+            batch_pages: batch_pages.clamp(MIN_BATCH_PAGES, MAX_BATCH_PAGES),
+            residency: Vec::new(),
         }
+    }
+
+    /// Sizes the next batch from what the last pause cost per page it had to check and drop:
+    /// a batch's pause grows with its zero pages, which can be all of them.
+    fn adapt(&mut self, held: Duration, candidates: u64) {
+        let per_page = held.as_secs_f64() / candidates.max(1) as f64;
+        let fit = (TARGET_PAUSE.as_secs_f64() / per_page.max(1e-9)) as usize;
+        // Grow gently (a cheap pause may have been a lucky one), shrink at once.
+        self.batch_pages = fit
+            .min(self.batch_pages * 2)
+            .clamp(MIN_BATCH_PAGES, MAX_BATCH_PAGES);
+    }
+
+    /// Pages per batch (and so at most per pause) right now.
+    pub fn batch_pages(&self) -> usize {
+        self.batch_pages
     }
 
     /// Scans up to `max_pages` pages of `ram` from where the last call stopped (wrapping around at
@@ -102,6 +124,9 @@ impl ZeroScanner {
             let Some(batch) = batch else {
                 break; // the VM is not running: nothing to do now
             };
+            if let Some(&held) = batch.pauses.last() {
+                self.adapt(held, batch.candidates);
+            }
             report.merge(batch);
             self.cursor += n;
             done += n;
@@ -244,6 +269,23 @@ mod tests {
             // SAFETY: as above.
             assert!(!unsafe { page_is_zero(page.as_ptr().cast()) }, "word {w}");
         }
+    }
+
+    #[test]
+    fn batches_follow_the_pause_target() {
+        let mut s = ZeroScanner::new(256);
+        // 256 pages took 4x the target: a quarter of that fits.
+        s.adapt(TARGET_PAUSE * 4, 256);
+        assert_eq!(s.batch_pages(), 64);
+        // Cheap pauses grow the batch, at most doubling each time.
+        s.adapt(TARGET_PAUSE / 100, 64);
+        assert_eq!(s.batch_pages(), 128);
+        for _ in 0..20 {
+            s.adapt(TARGET_PAUSE / 100, 64);
+        }
+        assert_eq!(s.batch_pages(), MAX_BATCH_PAGES);
+        s.adapt(TARGET_PAUSE * 1000, 1);
+        assert_eq!(s.batch_pages(), MIN_BATCH_PAGES);
     }
 
     #[test]

@@ -102,11 +102,20 @@ impl Outcome {
     }
 }
 
-/// A child process killed at drop, so no failed test leaves a VMM running.
+/// A child process stopped at drop, so no failed test leaves a VMM running: SIGTERM first (kvmerge
+/// then restores any host state it changed, such as KSM knobs), SIGKILL if it does not exit soon.
 pub struct Running(pub Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -1,0 +1,490 @@
+//! The merge thread: the one deduplication coordinator of the process.
+//!
+//! Once per tick it samples the guests (vCPU CPU time), the host's KSM (counters, ksmd's CPU
+//! time), lets the policy decide KSM's scan rate and applies it when kvmerge owns the knobs,
+//! reclaims zero pages of `full` and `zero` guests (pausing their vCPUs around each drop), and
+//! every few ticks accounts what each VM holds. The latest figures are published as a [`Status`]
+//! for the status line, `--stats` and the end-of-run summary.
+
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::DedupMode;
+use crate::dedup::accounting::{self, Accountant, Snapshot, VmRange};
+use crate::dedup::ksm::{self, Counters, Knob, KsmOwner, KsmSysfs};
+use crate::dedup::policy::{CpuBudget, Knobs, Policy, PolicyKind, Sample};
+use crate::dedup::zero::{self, PassReport, ZeroScanner};
+use crate::memory::GuestRam;
+use crate::vm::{Lifecycle, VmControl};
+
+/// Pages of zero-reclaim scanning per VM per tick while a VM's scans still find zero pages.
+const ZERO_PAGES_PER_TICK: usize = 64 * 1024;
+/// Longest wait between zero-reclaim passes over a VM whose passes find nothing.
+const ZERO_MAX_BACKOFF_TICKS: u32 = 30;
+/// Pause durations kept for the p99 figure.
+const PAUSE_WINDOW: usize = 4096;
+
+/// One guest as the merge thread sees it.
+pub struct MergeVm {
+    pub name: String,
+    pub dedup: DedupMode,
+    pub control: Arc<VmControl>,
+    pub ram: Arc<GuestRam>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub policy: PolicyKind,
+    pub tick: Duration,
+    /// Account every this many ticks (accounting reads page tables; it is not free).
+    pub account_every: u32,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            policy: PolicyKind::Adaptive,
+            tick: Duration::from_secs(1),
+            account_every: 2,
+        }
+    }
+}
+
+/// One VM's figures, in MiB.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub dedup: &'static str,
+    pub running: bool,
+    pub resident_mib: f64,
+    pub ksm_mib: f64,
+    pub zero_mib: f64,
+    pub unique_mib: f64,
+    pub shared_with_other_vms_mib: f64,
+    pub zero_reclaimed_mib: f64,
+}
+
+/// The merge thread's latest view of the fleet.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    /// Seconds since the merge thread started.
+    pub t: f64,
+    pub vms_running: usize,
+    pub guest_ram_mib: f64,
+    pub resident_mib: f64,
+    /// Host memory not spent thanks to dedup: KSM (pages_sharing + ksm_zero_pages of this
+    /// process's share) plus zero pages mapped or reclaimed.
+    pub saved_mib: f64,
+    pub ksm_mib: f64,
+    pub zero_mib: f64,
+    pub unique_mib: f64,
+    pub shared_with_other_vms_mib: f64,
+    pub zero_reclaimed_mib: f64,
+    pub zero_pause_p99_us: f64,
+    pub zero_pauses: u64,
+    /// ksmd's CPU use over the last tick, in % of one core.
+    pub ksmd_cpu_pct: f64,
+    pub ksmd_cpu_s: f64,
+    pub merge_thread_cpu_pct: f64,
+    pub ksm_owned: bool,
+    pub policy_phase: String,
+    pub pages_to_scan: Option<u32>,
+    pub sleep_millisecs: Option<u32>,
+    pub pages_shared: u64,
+    pub pages_sharing: u64,
+    pub accounting: &'static str,
+    pub vms: Vec<VmStatus>,
+}
+
+pub struct MergeThread {
+    thread: Option<JoinHandle<()>>,
+    stop: Sender<()>,
+    status: Arc<Mutex<Status>>,
+}
+
+impl MergeThread {
+    /// Starts the merge thread for `vms`. `owner` is kvmerge's hold on the host's KSM knobs, when
+    /// it has one; it is restored when its last reference drops.
+    pub fn start(
+        vms: Vec<MergeVm>,
+        owner: Option<Arc<KsmOwner>>,
+        opts: Options,
+    ) -> std::io::Result<MergeThread> {
+        let status = Arc::new(Mutex::new(Status::default()));
+        let (stop, stop_rx) = mpsc::channel();
+        let published = status.clone();
+        let thread = std::thread::Builder::new()
+            .name("kvmerge-merge".into())
+            .spawn(move || {
+                let mut worker = Worker::new(vms, owner, opts);
+                loop {
+                    worker.tick();
+                    *published.lock().unwrap_or_else(|p| p.into_inner()) = worker.status.clone();
+                    match stop_rx.recv_timeout(worker.opts.tick) {
+                        Err(RecvTimeoutError::Timeout) => continue,
+                        Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                // A last accounting for the summary.
+                worker.account();
+                *published.lock().unwrap_or_else(|p| p.into_inner()) = worker.status.clone();
+            })?;
+        Ok(MergeThread {
+            thread: Some(thread),
+            stop,
+            status,
+        })
+    }
+
+    /// The latest published figures.
+    pub fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Stops the thread and returns its final figures.
+    pub fn stop(mut self) -> Status {
+        self.shutdown();
+        self.status()
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the merge thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for MergeThread {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct VmState {
+    vm: MergeVm,
+    scanner: ZeroScanner,
+    reclaimed: u64,
+    /// Ticks to wait before the next zero scan, and the current back-off.
+    wait: u32,
+    backoff: u32,
+    found_this_pass: u64,
+}
+
+struct Worker {
+    vms: Vec<VmState>,
+    owner: Option<Arc<KsmOwner>>,
+    sysfs: KsmSysfs,
+    policy: Policy,
+    opts: Options,
+    accountant: Accountant,
+    started: Instant,
+    ticks: u64,
+    prev: Option<Sample>,
+    applied: Option<Knobs>,
+    pauses: Vec<Duration>,
+    total_pauses: u64,
+    cpu_at_last_tick: Duration,
+    last_snapshot: Option<Snapshot>,
+    last_counters: Counters,
+    status: Status,
+    /// Fault injection for the tests of the panic path (`KVMERGE_INJECT_PANIC=merge-thread`).
+    inject_panic: bool,
+}
+
+impl Worker {
+    fn new(vms: Vec<MergeVm>, owner: Option<Arc<KsmOwner>>, opts: Options) -> Worker {
+        let status = Status {
+            ksm_owned: owner.is_some(),
+            ..Status::default()
+        };
+        Worker {
+            vms: vms
+                .into_iter()
+                .map(|vm| VmState {
+                    vm,
+                    scanner: ZeroScanner::new(zero::DEFAULT_BATCH_PAGES),
+                    reclaimed: 0,
+                    wait: 0,
+                    backoff: 1,
+                    found_this_pass: 0,
+                })
+                .collect(),
+            owner,
+            sysfs: KsmSysfs::host(),
+            policy: Policy::new(
+                opts.policy,
+                CpuBudget {
+                    host_cpus: std::thread::available_parallelism().map_or(0, |n| n.get() as u32),
+                    ..CpuBudget::default()
+                },
+            ),
+            opts,
+            accountant: Accountant::new(),
+            started: Instant::now(),
+            ticks: 0,
+            prev: None,
+            applied: None,
+            pauses: Vec::new(),
+            total_pauses: 0,
+            cpu_at_last_tick: Duration::ZERO,
+            last_snapshot: None,
+            last_counters: Counters::default(),
+            status,
+            inject_panic: std::env::var("KVMERGE_INJECT_PANIC").as_deref() == Ok("merge-thread"),
+        }
+    }
+
+    fn tick(&mut self) {
+        self.ticks += 1;
+        self.reclaim_zero_pages();
+        if self.ticks % u64::from(self.opts.account_every.max(1)) == 1 || self.ticks == 1 {
+            self.account();
+        }
+        self.steer_ksm();
+        if self.inject_panic && self.ticks == 3 {
+            panic!("injected panic (KVMERGE_INJECT_PANIC=merge-thread)");
+        }
+        let cpu = thread_cpu_time();
+        self.status.merge_thread_cpu_pct = 100.0
+            * (cpu.saturating_sub(self.cpu_at_last_tick)).as_secs_f64()
+            / self.opts.tick.as_secs_f64();
+        self.cpu_at_last_tick = cpu;
+        self.status.t = self.started.elapsed().as_secs_f64();
+    }
+
+    fn reclaim_zero_pages(&mut self) {
+        for state in &mut self.vms {
+            if state.vm.dedup == DedupMode::Off || state.vm.control.state() != Lifecycle::Running {
+                continue;
+            }
+            if state.wait > 0 {
+                state.wait -= 1;
+                continue;
+            }
+            let mut report = PassReport::default();
+            let wrapped = match state.scanner.scan(
+                &state.vm.ram,
+                &state.vm.control,
+                ZERO_PAGES_PER_TICK,
+                &mut report,
+            ) {
+                Ok(wrapped) => wrapped,
+                Err(e) => {
+                    log::warn!("{}: zero-page reclaim failed: {e}", state.vm.name);
+                    false
+                }
+            };
+            state.reclaimed += report.reclaimed;
+            state.found_this_pass += report.reclaimed;
+            self.total_pauses += report.pauses.len() as u64;
+            self.pauses.extend(report.pauses);
+            if self.pauses.len() > PAUSE_WINDOW {
+                let excess = self.pauses.len() - PAUSE_WINDOW;
+                self.pauses.drain(..excess);
+            }
+            if wrapped {
+                // A whole pass done: back off while passes find nothing, come back at once when
+                // they do.
+                if state.found_this_pass == 0 {
+                    state.backoff = (state.backoff * 2).min(ZERO_MAX_BACKOFF_TICKS);
+                    state.wait = state.backoff;
+                } else {
+                    state.backoff = 1;
+                }
+                state.found_this_pass = 0;
+            }
+        }
+        self.status.zero_pause_p99_us = zero::quantile(&self.pauses, 0.99).as_secs_f64() * 1e6;
+        self.status.zero_pauses = self.total_pauses;
+    }
+
+    fn account(&mut self) {
+        let ranges: Vec<VmRange> = self
+            .vms
+            .iter()
+            .enumerate()
+            .map(|(vm, s)| {
+                let (host_start, len) = s.vm.ram.host_range();
+                VmRange {
+                    vm,
+                    host_start,
+                    len: len as u64,
+                }
+            })
+            .collect();
+        match self.accountant.snapshot(&ranges) {
+            Ok(snapshot) => self.last_snapshot = Some(snapshot),
+            Err(e) => log::warn!("memory accounting failed: {e}"),
+        }
+        self.publish_usage();
+    }
+
+    fn publish_usage(&mut self) {
+        let s = &mut self.status;
+        s.vms_running = 0;
+        s.guest_ram_mib = 0.0;
+        s.vms.clear();
+        for (i, state) in self.vms.iter().enumerate() {
+            let running = state.vm.control.state() == Lifecycle::Running;
+            s.vms_running += usize::from(running);
+            let len = state.vm.ram.host_range().1 as u64;
+            s.guest_ram_mib += accounting::mib(len / accounting::PAGE_SIZE);
+            let usage = self
+                .last_snapshot
+                .as_ref()
+                .and_then(|snap| snap.per_vm.get(i).copied())
+                .unwrap_or_default();
+            s.vms.push(VmStatus {
+                name: state.vm.name.clone(),
+                dedup: dedup_name(state.vm.dedup),
+                running,
+                resident_mib: accounting::mib(usage.resident),
+                ksm_mib: accounting::mib(usage.ksm),
+                zero_mib: accounting::mib(usage.zero),
+                unique_mib: accounting::mib(usage.unique),
+                shared_with_other_vms_mib: accounting::mib(usage.shared_with_other_vms),
+                zero_reclaimed_mib: accounting::mib(state.reclaimed),
+            });
+        }
+        if let Some(snap) = &self.last_snapshot {
+            let t = snap.total;
+            s.resident_mib = accounting::mib(t.resident);
+            s.ksm_mib = accounting::mib(t.ksm);
+            s.zero_mib = accounting::mib(t.zero);
+            s.unique_mib = accounting::mib(t.unique);
+            s.shared_with_other_vms_mib = accounting::mib(t.shared_with_other_vms);
+            s.accounting = match snap.source {
+                accounting::Source::Pagemap => "pagemap",
+                accounting::Source::Smaps => "smaps",
+            };
+            // Pages the guests map minus frames the host spends on them (zero pages included),
+            // plus pages given back by zero-page reclaim. Without page-frame access (not root),
+            // the host-wide KSM figure stands in for the first part.
+            let reclaimed: u64 = self.vms.iter().map(|v| v.reclaimed).sum();
+            let merged = snap
+                .saved()
+                .unwrap_or(self.last_counters.pages_sharing + self.last_counters.ksm_zero_pages);
+            s.saved_mib = accounting::mib(merged + reclaimed);
+        }
+        s.zero_reclaimed_mib = accounting::mib(self.vms.iter().map(|v| v.reclaimed).sum());
+    }
+
+    fn steer_ksm(&mut self) {
+        let counters = self.sysfs.read_counters().unwrap_or_default();
+        self.last_counters = counters;
+        let sample = Sample {
+            at: self.started.elapsed(),
+            vcpu_cpu: self.vcpu_cpu(),
+            vcpus: self.running_vcpus(),
+            ksmd_cpu: ksm::ksmd_cpu_time().unwrap_or_default(),
+            mergeable_pages: self.mergeable_pages(),
+            pages_shared: counters.pages_shared,
+            pages_sharing: counters.pages_sharing,
+            pages_unshared: counters.pages_unshared,
+            pages_volatile: counters.pages_volatile,
+            full_scans: counters.full_scans,
+            ksm_zero_pages: counters.ksm_zero_pages,
+        };
+        if let Some(prev) = &self.prev {
+            let dt = sample.at.saturating_sub(prev.at).as_secs_f64();
+            if dt > 0.0 {
+                self.status.ksmd_cpu_pct =
+                    100.0 * sample.ksmd_cpu.saturating_sub(prev.ksmd_cpu).as_secs_f64() / dt;
+            }
+        }
+        self.status.ksmd_cpu_s = sample.ksmd_cpu.as_secs_f64();
+        self.status.pages_shared = counters.pages_shared;
+        self.status.pages_sharing = counters.pages_sharing;
+        if let (Some(owner), Some(knobs)) = (&self.owner, self.policy.decide(&sample)) {
+            if self.applied != Some(knobs) {
+                if let Err(e) = apply(owner, knobs) {
+                    log::warn!("cannot set KSM knobs: {e}");
+                    // Ask again next tick, and keep the policy's cost model honest.
+                    self.policy.invalidate();
+                } else {
+                    self.applied = Some(knobs);
+                }
+            }
+        }
+        self.status.policy_phase = format!("{:?}", self.policy.phase()).to_lowercase();
+        self.status.pages_to_scan = self.applied.map(|k| k.pages_to_scan);
+        self.status.sleep_millisecs = self.applied.map(|k| k.sleep_millisecs);
+        self.prev = Some(sample);
+    }
+
+    /// Resident pages of guests offered to KSM.
+    fn mergeable_pages(&self) -> u64 {
+        let Some(snap) = &self.last_snapshot else {
+            return 0;
+        };
+        self.vms
+            .iter()
+            .zip(&snap.per_vm)
+            .filter(|(v, _)| v.vm.dedup == DedupMode::Full)
+            .map(|(_, u)| u.resident)
+            .sum()
+    }
+
+    fn running_vcpus(&self) -> u32 {
+        self.vms
+            .iter()
+            .filter(|v| v.vm.control.state() == Lifecycle::Running)
+            .map(|v| v.vm.control.vcpu_tids().len() as u32)
+            .sum()
+    }
+
+    fn vcpu_cpu(&self) -> Duration {
+        self.vms
+            .iter()
+            .flat_map(|v| v.vm.control.vcpu_tids())
+            .filter(|&tid| tid > 0)
+            .filter_map(ksm::thread_cpu_time)
+            .sum()
+    }
+}
+
+fn apply(owner: &KsmOwner, knobs: Knobs) -> ksm::Result<()> {
+    owner.set(Knob::PagesToScan, &knobs.pages_to_scan.to_string())?;
+    owner.set(Knob::SleepMillisecs, &knobs.sleep_millisecs.to_string())?;
+    owner.set(Knob::Run, if knobs.run { "1" } else { "0" })
+}
+
+fn dedup_name(mode: DedupMode) -> &'static str {
+    match mode {
+        DedupMode::Full => "full",
+        DedupMode::Zero => "zero",
+        DedupMode::Off => "off",
+    }
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu_time() -> Duration {
+    // SAFETY: timespec is plain data filled by clock_gettime.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and a valid out pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// The knobs kvmerge touches when it owns KSM.
+pub const OWNED_KNOBS: &[Knob] = &[
+    Knob::Run,
+    Knob::PagesToScan,
+    Knob::SleepMillisecs,
+    Knob::UseZeroPages,
+    Knob::SmartScan,
+    // The kernel's advisor overrides pages_to_scan: kvmerge turns it off while it steers.
+    Knob::AdvisorMode,
+];

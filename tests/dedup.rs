@@ -1,0 +1,452 @@
+//! Host-KVM tier: deduplication with payload guests. KSM tests need root (kvmerge steers the
+//! host's KSM and must restore every knob it touched); they print why and skip otherwise, unless
+//! KVMERGE_REQUIRE_KVM=1.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Host KSM is one global pool: one test at a time.
+static KSM: Mutex<()> = Mutex::new(());
+const LIMIT: Duration = Duration::from_secs(120);
+const KSM_DIR: &str = "/sys/kernel/mm/ksm";
+const KNOBS: &[&str] = &[
+    "run",
+    "pages_to_scan",
+    "sleep_millisecs",
+    "use_zero_pages",
+    "smart_scan",
+];
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    KSM.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether kvmerge may steer the host's KSM here (root, KSM present).
+fn ksm_writable() -> bool {
+    // SAFETY: getuid has no preconditions.
+    let root = unsafe { libc::getuid() } == 0;
+    let why = if !Path::new(KSM_DIR).exists() {
+        "this kernel has no KSM"
+    } else if !root {
+        "steering KSM needs root"
+    } else {
+        return true;
+    };
+    if std::env::var("KVMERGE_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("KVMERGE_REQUIRE_KVM=1 but {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+    false
+}
+
+fn knobs() -> Vec<(String, String)> {
+    KNOBS
+        .iter()
+        .filter_map(|k| {
+            let v = std::fs::read_to_string(Path::new(KSM_DIR).join(k)).ok()?;
+            Some((k.to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+/// The last JSON object of a `--stats` file.
+fn last_stats(path: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(text.lines().last()?).ok()
+}
+
+fn vm_field(stats: &serde_json::Value, vm: usize, field: &str) -> f64 {
+    stats["vms"][vm][field].as_f64().unwrap_or(-1.0)
+}
+
+/// Starts `kvmerge run --kernel payload ARGS --stats DIR/stats.jsonl` in the background.
+fn spawn(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> (Running, PathBuf) {
+    let stats = dir.join("stats.jsonl");
+    let mut cmd = kvmerge();
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(payload())
+        .args(args)
+        .arg("--stats")
+        .arg(&stats)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    (Running(cmd.spawn().unwrap()), stats)
+}
+
+/// Polls the stats file until `done` holds for its last line, against a deadline.
+fn wait_for(
+    stats: &Path,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Some(s) = last_stats(stats) {
+            if done(&s) {
+                return s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last stats: {:?}",
+            last_stats(stats)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn stop(mut child: Running, signal: i32) -> (Option<i32>, String) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.0.id() as i32, signal) };
+    let status = child.0.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    (status.code(), stderr)
+}
+
+#[test]
+fn identical_guests_merge_and_share_across_vms() {
+    let _ksm = serial();
+    if !kvm_available() || !ksm_writable() {
+        return;
+    }
+    let before = knobs();
+    let dir = TempDir::new("merge");
+    let (child, stats) = spawn(
+        &[
+            "--count",
+            "8",
+            "--memory",
+            "32M",
+            "--console",
+            "none",
+            "--cmdline",
+            "fill=16 patterns=4096 then=idle",
+        ],
+        dir.path(),
+        &[],
+    );
+    let s = wait_for(&stats, "every guest's pages merged", |s| {
+        (0..8).all(|vm| {
+            vm_field(s, vm, "ksm_mib") >= 15.0
+                && vm_field(s, vm, "shared_with_other_vms_mib") >= 15.0
+        })
+    });
+    assert_eq!(s["ksm_owned"], true, "{s}");
+    let (code, stderr) = stop(child, libc::SIGTERM);
+    assert_eq!(code, Some(143), "{stderr}");
+    assert_eq!(knobs(), before, "KSM knobs restored after SIGTERM");
+    let last = last_stats(&stats).unwrap();
+    assert_eq!(last["final"], true, "a final line is written at the end");
+    // 16 distinct pages shared by 8 guests: almost all 128 MiB of the fill is saved.
+    assert!(last["saved_mib"].as_f64().unwrap() > 100.0, "{last}");
+}
+
+/// Flags of guest RAM mappings in the kvmerge process: the large MADV_DONTDUMP mappings (vCPU
+/// `kvm_run` pages are DONTDUMP too, but a page or two in size).
+fn guest_ram_flags(pid: u32) -> Vec<Vec<String>> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut found = Vec::new();
+    let mut size = 0u64;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
+                size = hi - lo;
+            }
+        }
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            let flags: Vec<String> = flags.split_whitespace().map(str::to_string).collect();
+            if size >= 1 << 20 && flags.iter().any(|x| x == "dd") {
+                found.push(flags);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn dedup_off_never_marks_mergeable_and_zero_shares_nothing() {
+    let _ksm = serial();
+    if !kvm_available() {
+        return;
+    }
+    for mode in ["off", "zero", "full"] {
+        let dir = TempDir::new("modes");
+        let (child, stats) = spawn(
+            &[
+                "--count",
+                "2",
+                "--memory",
+                "32M",
+                "--console",
+                "none",
+                "--dedup",
+                mode,
+                "--cmdline",
+                "fill=8 patterns=4 zeros=8 then=idle",
+            ],
+            dir.path(),
+            &[],
+        );
+        // Two accountings after the guests filled: reclaim has had its first passes.
+        let s = wait_for(&stats, "accounting of filled guests", |s| {
+            s["t"].as_f64().unwrap_or(0.0) >= 3.0
+                && (0..2).all(|vm| vm_field(s, vm, "resident_mib") >= 8.0)
+        });
+        // The kernel may merge the two adjacent guest mappings into one VMA.
+        let flags = guest_ram_flags(child.0.id());
+        assert!(!flags.is_empty(), "{mode}: guest RAM mappings found");
+        let mergeable = flags.iter().filter(|f| f.iter().any(|x| x == "mg")).count();
+        let (code, stderr) = stop(child, libc::SIGINT);
+        assert_eq!(code, Some(130), "{mode}: {stderr}");
+        match mode {
+            "off" => {
+                assert_eq!(mergeable, 0, "--dedup off: no mg flag");
+                for vm in 0..2 {
+                    assert_eq!(vm_field(&s, vm, "zero_reclaimed_mib"), 0.0, "off: {s}");
+                    assert_eq!(vm_field(&s, vm, "ksm_mib"), 0.0, "off: {s}");
+                }
+            }
+            "zero" => {
+                assert_eq!(mergeable, 0, "--dedup zero: not offered to KSM");
+                for vm in 0..2 {
+                    assert!(
+                        vm_field(&s, vm, "zero_reclaimed_mib") >= 7.9,
+                        "zero pages reclaimed: {s}"
+                    );
+                    assert_eq!(vm_field(&s, vm, "ksm_mib"), 0.0, "no content shared: {s}");
+                    assert_eq!(vm_field(&s, vm, "shared_with_other_vms_mib"), 0.0, "{s}");
+                }
+            }
+            _ => assert_eq!(
+                mergeable,
+                flags.len(),
+                "--dedup full: all guest RAM mergeable"
+            ),
+        }
+    }
+}
+
+#[test]
+fn no_guest_write_is_lost_under_merging_and_reclaim() {
+    let _ksm = serial();
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("churn");
+    let logs = dir.path().join("logs");
+    let stats = dir.path().join("stats.jsonl");
+    let mut cmd = kvmerge();
+    cmd.args(["run", "--count", "8", "--memory", "80M", "--console"])
+        .arg(&logs)
+        .arg("--stats")
+        .arg(&stats)
+        .arg("--kernel")
+        .arg(payload())
+        .args([
+            "--cmdline",
+            "fill=56 patterns=16 zeros=4 then=churn:9 seed={index}",
+        ]);
+    let out = run_with_limit(cmd, Duration::from_secs(300));
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "every guest verified its memory\n{}",
+        out.dump()
+    );
+    let mut verified = 0u64;
+    for i in 0..8 {
+        let log = std::fs::read_to_string(logs.join(format!("vm{i}.log"))).unwrap();
+        let end = log
+            .lines()
+            .find(|l| l.starts_with("PAYLOAD-CHURNED"))
+            .unwrap_or_else(|| panic!("vm{i} did not finish churning:\n{log}"));
+        assert!(end.ends_with("mismatches=0"), "vm{i}: {end}");
+        let pages: u64 = end
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("pages="))
+            .and_then(|p| p.parse().ok())
+            .unwrap();
+        verified += pages;
+    }
+    assert!(verified >= 1_000_000, "only {verified} page verifications");
+    // Merging and reclaim really happened during the run.
+    let text = std::fs::read_to_string(&stats).unwrap();
+    let peak = |field: &str| {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v[field].as_f64())
+            .fold(0.0, f64::max)
+    };
+    assert!(
+        peak("zero_reclaimed_mib") > 0.0,
+        "zero pages were reclaimed during the churn"
+    );
+    // SAFETY: getuid has no preconditions.
+    let root = unsafe { libc::getuid() } == 0;
+    if Path::new(KSM_DIR).exists() && root {
+        assert!(
+            peak("pages_sharing") > 0.0,
+            "KSM merged pages during the churn"
+        );
+    }
+}
+
+#[test]
+fn knobs_restored_after_exit_signals_and_panic() {
+    let _ksm = serial();
+    if !kvm_available() || !ksm_writable() {
+        return;
+    }
+    let before = knobs();
+    let args = [
+        "--count",
+        "2",
+        "--memory",
+        "16M",
+        "--console",
+        "none",
+        "--cmdline",
+        "fill=4 then=idle",
+    ];
+    let ksm_steered =
+        |s: &serde_json::Value| s["ksm_owned"] == true && s["t"].as_f64().unwrap_or(0.0) >= 1.0;
+
+    // Normal end (timeout) and signals.
+    for (how, signal, code) in [
+        ("timeout", 0, 124),
+        ("SIGINT", libc::SIGINT, 130),
+        ("SIGTERM", libc::SIGTERM, 143),
+    ] {
+        let dir = TempDir::new("restore");
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["--timeout", "4s"]);
+        let (child, stats) = spawn(&a, dir.path(), &[]);
+        wait_for(&stats, "kvmerge to steer KSM", ksm_steered);
+        assert_ne!(
+            knobs(),
+            before,
+            "{how}: kvmerge changed the knobs while running"
+        );
+        let (got, stderr) = if signal == 0 {
+            let mut child = child;
+            let status = child.0.wait().unwrap();
+            (status.code(), String::new())
+        } else {
+            stop(child, signal)
+        };
+        assert_eq!(got, Some(code), "{how}: {stderr}");
+        assert_eq!(knobs(), before, "{how}: knobs restored");
+    }
+
+    // A panic in the merge thread: the panic hook restores at once, the guests run on.
+    let dir = TempDir::new("restore-panic");
+    let (child, stats) = spawn(
+        &args,
+        dir.path(),
+        &[("KVMERGE_INJECT_PANIC", "merge-thread")],
+    );
+    wait_for(&stats, "kvmerge to steer KSM", ksm_steered);
+    let deadline = Instant::now() + LIMIT;
+    while knobs() != before {
+        assert!(
+            Instant::now() < deadline,
+            "knobs not restored after the injected panic"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, stderr) = stop(child, libc::SIGTERM);
+    assert!(stderr.contains("injected panic"), "{stderr}");
+    assert_eq!(code, Some(143), "{stderr}");
+    assert_eq!(knobs(), before, "knobs still restored at exit");
+}
+
+#[test]
+fn unprivileged_run_touches_no_knob_but_reclaims_and_accounts() {
+    let _ksm = serial();
+    // SAFETY: getuid has no preconditions.
+    if !kvm_available() || unsafe { libc::getuid() } != 0 {
+        eprintln!("SKIPPED: needs root to drop privileges to 'nobody' with /dev/kvm access");
+        return;
+    }
+    let before = knobs();
+    // 'nobody' needs /dev/kvm: a private copy of the device node, group-owned by nogroup.
+    let dir = TempDir::new("nobody");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let bin = dir.path().join("kvmerge");
+    let kernel = dir.path().join("payload.elf");
+    std::fs::copy(env!("CARGO_BIN_EXE_kvmerge"), &bin).unwrap();
+    std::fs::copy(payload(), &kernel).unwrap();
+    let acl = Command::new("setfacl")
+        .args(["-m", "u:nobody:rw", "/dev/kvm"])
+        .status();
+    let granted = matches!(acl, Ok(s) if s.success());
+    if !granted {
+        eprintln!("SKIPPED: cannot grant 'nobody' access to /dev/kvm (setfacl missing)");
+        return;
+    }
+    struct Revoke;
+    impl Drop for Revoke {
+        fn drop(&mut self) {
+            let _ = Command::new("setfacl")
+                .args(["-x", "u:nobody", "/dev/kvm"])
+                .status();
+        }
+    }
+    let _revoke = Revoke;
+    let stats = dir.path().join("stats.jsonl");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args([
+            "run",
+            "--count",
+            "2",
+            "--memory",
+            "32M",
+            "--console",
+            "none",
+            "--timeout",
+            "6s",
+        ])
+        .args(["--cmdline", "fill=8 zeros=8 then=idle", "--stats"])
+        .arg(&stats)
+        .arg("--kernel")
+        .arg(&kernel);
+    let out = run_with_limit(cmd, LIMIT);
+    assert_eq!(out.code(), Some(124), "{}", out.dump());
+    assert_eq!(knobs(), before, "an unprivileged run changes no knob");
+    let warnings: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("not steering host KSM"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "said once, in one line\n{}", out.dump());
+    assert!(warnings[0].contains("not root"), "{}", out.dump());
+    let last = last_stats(&stats).unwrap();
+    assert_eq!(last["ksm_owned"], false);
+    for vm in 0..2 {
+        assert!(
+            vm_field(&last, vm, "zero_reclaimed_mib") >= 7.9,
+            "reclaim works unprivileged: {last}"
+        );
+    }
+    assert!(
+        last["resident_mib"].as_f64().unwrap() >= 16.0,
+        "accounting works unprivileged: {last}"
+    );
+    assert_eq!(last["accounting"], "smaps", "{last}");
+}
