@@ -86,6 +86,9 @@ pub struct Status {
     pub zero_reclaimed_mib: f64,
     pub zero_pause_p99_us: f64,
     pub zero_pauses: u64,
+    /// Guest RAM the zero-page scanner has read, and the time it spent (pauses included).
+    pub zero_scanned_mib: f64,
+    pub zero_scan_s: f64,
     /// ksmd's CPU use over the last tick, in % of one core.
     pub ksmd_cpu_pct: f64,
     pub ksmd_cpu_s: f64,
@@ -193,6 +196,8 @@ struct Worker {
     applied: Option<Knobs>,
     pauses: Vec<Duration>,
     total_pauses: u64,
+    scanned_pages: u64,
+    scan_time: Duration,
     cpu_at_last_tick: Duration,
     last_snapshot: Option<Snapshot>,
     last_counters: Counters,
@@ -236,6 +241,8 @@ impl Worker {
             applied: None,
             pauses: Vec::new(),
             total_pauses: 0,
+            scanned_pages: 0,
+            scan_time: Duration::ZERO,
             cpu_at_last_tick: Duration::ZERO,
             last_snapshot: None,
             last_counters: Counters::default(),
@@ -285,6 +292,8 @@ impl Worker {
                 }
             };
             state.reclaimed += report.reclaimed;
+            self.scanned_pages += report.scanned_pages;
+            self.scan_time += report.took;
             state.found_this_pass += report.reclaimed;
             self.total_pauses += report.pauses.len() as u64;
             self.pauses.extend(report.pauses);
@@ -306,6 +315,8 @@ impl Worker {
         }
         self.status.zero_pause_p99_us = zero::quantile(&self.pauses, 0.99).as_secs_f64() * 1e6;
         self.status.zero_pauses = self.total_pauses;
+        self.status.zero_scanned_mib = accounting::mib(self.scanned_pages);
+        self.status.zero_scan_s = self.scan_time.as_secs_f64();
     }
 
     fn account(&mut self) {
