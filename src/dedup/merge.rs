@@ -25,6 +25,10 @@ use crate::vm::{Lifecycle, VmControl};
 const ZERO_PAGES_PER_TICK: usize = 64 * 1024;
 /// Longest wait between zero-reclaim passes over a VM whose passes find nothing.
 const ZERO_MAX_BACKOFF_TICKS: u32 = 30;
+/// Zero pages are reclaimed only from guests whose vCPUs were busy less than this share of the last
+/// tick: pausing a busy guest costs it most, and a guest that is booting or working reuses the
+/// zero pages it has (a booting kernel zeroes much of its memory) before long.
+const ZERO_IDLE_BELOW: f64 = 0.5;
 /// Pause durations kept for the p99 figure.
 const PAUSE_WINDOW: usize = 4096;
 
@@ -181,6 +185,8 @@ struct VmState {
     wait: u32,
     backoff: u32,
     found_this_pass: u64,
+    /// vCPU CPU time at the previous tick, to tell an idle guest from a busy one.
+    vcpu_cpu: Option<Duration>,
 }
 
 struct Worker {
@@ -222,6 +228,7 @@ impl Worker {
                     wait: 0,
                     backoff: 1,
                     found_this_pass: 0,
+                    vcpu_cpu: None,
                 })
                 .collect(),
             owner,
@@ -270,8 +277,18 @@ impl Worker {
     }
 
     fn reclaim_zero_pages(&mut self) {
+        let tick = self.opts.tick.as_secs_f64();
         for state in &mut self.vms {
             if state.vm.dedup == DedupMode::Off || state.vm.control.state() != Lifecycle::Running {
+                continue;
+            }
+            let tids = state.vm.control.vcpu_tids();
+            let cpu: Duration = tids.iter().filter_map(|&t| ksm::thread_cpu_time(t)).sum();
+            let busy = state.vcpu_cpu.replace(cpu).map(|prev| {
+                cpu.saturating_sub(prev).as_secs_f64() / (tick * tids.len().max(1) as f64)
+            });
+            // Unknown (first tick) counts as busy.
+            if busy.is_none_or(|b| b >= ZERO_IDLE_BELOW) {
                 continue;
             }
             if state.wait > 0 {
