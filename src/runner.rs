@@ -270,25 +270,6 @@ pub fn run(cfg: &Config) -> Result<Report> {
     }
     log::info!("built {} VM(s)", vms.len());
 
-    // Dedup: kvmerge's hold on the host's KSM knobs (restored when the last reference drops, on
-    // every way out of this function), and the merge thread.
-    let ksm_owner = take_ksm(cfg);
-    let merge_vms = vms
-        .iter()
-        .zip(&cfg.vms)
-        .map(|(vm, vm_cfg)| MergeVm {
-            name: vm.name().to_string(),
-            dedup: vm_cfg.dedup,
-            control: vm.control().clone(),
-            ram: vm.ram().clone(),
-        })
-        .collect();
-    let merge_opts = merge::Options {
-        policy: cfg.ksm_policy,
-        ..merge::Options::default()
-    };
-    let merge = MergeThread::start(merge_vms, ksm_owner.clone(), merge_opts)
-        .map_err(|e| Error::Control(format!("cannot start the merge thread: {e}")))?;
     let stats = match &cfg.stats {
         Some(path) => Some(StatsFile::create(path)?),
         None => None,
@@ -317,6 +298,34 @@ pub fn run(cfg: &Config) -> Result<Report> {
             return Err(Error::Build { index, source });
         }
     }
+
+    // Dedup starts once the guests run, so it adds nothing to their start-up: kvmerge's hold on
+    // the host's KSM knobs (restored when the last reference drops, on every way out of this
+    // function), and the merge thread.
+    let ksm_owner = take_ksm(cfg);
+    let merge_vms = vms
+        .iter()
+        .zip(&cfg.vms)
+        .map(|(vm, vm_cfg)| MergeVm {
+            name: vm.name().to_string(),
+            dedup: vm_cfg.dedup,
+            control: vm.control().clone(),
+            ram: vm.ram().clone(),
+        })
+        .collect();
+    let merge_opts = merge::Options {
+        policy: cfg.ksm_policy,
+        ..merge::Options::default()
+    };
+    let merge = match MergeThread::start(merge_vms, ksm_owner.clone(), merge_opts) {
+        Ok(merge) => merge,
+        Err(e) => {
+            stop_all(&mut vms, VmEnd::Vmm("merge thread failed".into()));
+            return Err(Error::Control(format!(
+                "cannot start the merge thread: {e}"
+            )));
+        }
+    };
 
     let control = Arc::new(Mutex::new(Control {
         vms,
