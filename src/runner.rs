@@ -19,7 +19,7 @@ use crate::arch::{self, EntryMode};
 use crate::config::DedupMode;
 use crate::config::{self, Config, ConsoleMode};
 use crate::console::{ConsoleSink, Expect, Output};
-use crate::dedup::ksm::{Knob, KsmOwner, KsmSysfs};
+use crate::dedup::ksm::{self, Knob, KsmOwner, KsmSysfs};
 use crate::dedup::merge::{self, MergeThread, MergeVm};
 use crate::dedup::policy::PolicyKind;
 use crate::dedup::report;
@@ -446,6 +446,11 @@ fn take_ksm(cfg: &Config) -> Option<Arc<KsmOwner>> {
                 }
             }
             Some(Arc::new(owner))
+        }
+        // Another kvmerge steers the host's one KSM pool, for our guests too: nothing to report.
+        Err(e @ ksm::Error::OwnedElsewhere(_)) => {
+            log::info!("not steering host KSM ({e})");
+            None
         }
         Err(e) => {
             log::warn!("not steering host KSM ({e}); zero-page reclaim and accounting still run");
