@@ -47,7 +47,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Boot one or more identical guests and wait for them to end.
+    /// Boot one or more guests (identical ones, or the kinds a fleet file lists) and wait for them
+    /// to end.
     #[command(after_help = RUN_EXAMPLES)]
     Run(Box<RunArgs>),
     /// Show the host's kernel same-page merging (KSM) state: knobs, counters, savings, ksmd's CPU
