@@ -912,7 +912,14 @@ mod tests {
         };
         let vms = TwoVms::new();
         vms.fill();
-        let snap = accountant.snapshot(&vms.ranges).unwrap();
+        // Another test thread's fork (before its exec) briefly maps every page of this process
+        // twice; wait that out against a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut snap = accountant.snapshot(&vms.ranges).unwrap();
+        while snap.frames_mapped_elsewhere != Some(0) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            snap = accountant.snapshot(&vms.ranges).unwrap();
+        }
         assert_eq!(snap.source, Source::Pagemap);
         // Equal content is not shared without KSM: every written page has its own frame.
         assert_eq!(snap.per_vm[0], usage(30, 0, 10, 20, 0));
