@@ -137,7 +137,8 @@ impl MergeThread {
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
                     }
                 }
-                // A last accounting for the summary.
+                // A last look for the summary.
+                worker.sample_vcpus();
                 worker.account();
                 *published.lock().unwrap_or_else(|p| p.into_inner()) = worker.status.clone();
             })?;
@@ -188,6 +189,11 @@ struct VmState {
     found_this_pass: u64,
     /// vCPU CPU time at the previous tick, to tell an idle guest from a busy one.
     vcpu_cpu: Option<Duration>,
+    /// This tick's view of the guest, sampled once and shared by reclaim and the KSM policy.
+    running: bool,
+    vcpus: u32,
+    /// Share of its vCPUs' time the guest ran during the last tick (None on its first tick).
+    busy: Option<f64>,
 }
 
 struct Worker {
@@ -205,6 +211,7 @@ struct Worker {
     total_pauses: u64,
     scanned_pages: u64,
     scan_time: Duration,
+    vcpu_cpu_total: Duration,
     cpu_at_last_tick: Duration,
     last_snapshot: Option<Snapshot>,
     last_counters: Counters,
@@ -230,6 +237,9 @@ impl Worker {
                     backoff: 1,
                     found_this_pass: 0,
                     vcpu_cpu: None,
+                    running: false,
+                    vcpus: 0,
+                    busy: None,
                 })
                 .collect(),
             owner,
@@ -251,6 +261,7 @@ impl Worker {
             total_pauses: 0,
             scanned_pages: 0,
             scan_time: Duration::ZERO,
+            vcpu_cpu_total: Duration::ZERO,
             cpu_at_last_tick: Duration::ZERO,
             last_snapshot: None,
             last_counters: Counters::default(),
@@ -261,6 +272,7 @@ impl Worker {
 
     fn tick(&mut self) {
         self.ticks += 1;
+        self.sample_vcpus();
         self.reclaim_zero_pages();
         if self.ticks % u64::from(self.opts.account_every.max(1)) == 1 || self.ticks == 1 {
             self.account();
@@ -277,19 +289,36 @@ impl Worker {
         self.status.t = self.started.elapsed().as_secs_f64();
     }
 
-    fn reclaim_zero_pages(&mut self) {
+    /// Reads each guest's state and vCPU CPU time once per tick.
+    fn sample_vcpus(&mut self) {
         let tick = self.opts.tick.as_secs_f64();
         for state in &mut self.vms {
-            if state.vm.dedup == DedupMode::Off || state.vm.control.state() != Lifecycle::Running {
+            state.running = state.vm.control.state() == Lifecycle::Running;
+            if !state.running {
+                state.vcpus = 0;
+                state.busy = None;
                 continue;
             }
             let tids = state.vm.control.vcpu_tids();
+            state.vcpus = tids.len() as u32;
             let cpu: Duration = tids.iter().filter_map(|&t| ksm::thread_cpu_time(t)).sum();
-            let busy = state.vcpu_cpu.replace(cpu).map(|prev| {
-                cpu.saturating_sub(prev).as_secs_f64() / (tick * tids.len().max(1) as f64)
-            });
+            let delta = state
+                .vcpu_cpu
+                .replace(cpu)
+                .map(|prev| cpu.saturating_sub(prev));
+            // Ended guests stop adding; the total the policy sees never goes backwards.
+            self.vcpu_cpu_total += delta.unwrap_or(Duration::ZERO);
+            state.busy = delta.map(|d| d.as_secs_f64() / (tick * tids.len().max(1) as f64));
+        }
+    }
+
+    fn reclaim_zero_pages(&mut self) {
+        for state in &mut self.vms {
+            if state.vm.dedup == DedupMode::Off || !state.running {
+                continue;
+            }
             // Unknown (first tick) counts as busy.
-            if busy.is_none_or(|b| b >= ZERO_IDLE_BELOW) {
+            if state.busy.is_none_or(|b| b >= ZERO_IDLE_BELOW) {
                 continue;
             }
             if state.wait > 0 {
@@ -364,7 +393,7 @@ impl Worker {
         s.guest_ram_mib = 0.0;
         s.vms.clear();
         for (i, state) in self.vms.iter().enumerate() {
-            let running = state.vm.control.state() == Lifecycle::Running;
+            let running = state.running;
             s.vms_running += usize::from(running);
             let len = state.vm.ram.host_range().1 as u64;
             s.guest_ram_mib += accounting::mib(len / accounting::PAGE_SIZE);
@@ -413,8 +442,8 @@ impl Worker {
         self.last_counters = counters;
         let sample = Sample {
             at: self.started.elapsed(),
-            vcpu_cpu: self.vcpu_cpu(),
-            vcpus: self.running_vcpus(),
+            vcpu_cpu: self.vcpu_cpu_total,
+            vcpus: self.vms.iter().map(|v| v.vcpus).sum(),
             ksmd_cpu: ksm::ksmd_cpu_time().unwrap_or_default(),
             mergeable_pages: self.mergeable_pages(),
             pages_shared: counters.pages_shared,
@@ -461,23 +490,6 @@ impl Worker {
             .zip(&snap.per_vm)
             .filter(|(v, _)| v.vm.dedup == DedupMode::Full)
             .map(|(_, u)| u.resident)
-            .sum()
-    }
-
-    fn running_vcpus(&self) -> u32 {
-        self.vms
-            .iter()
-            .filter(|v| v.vm.control.state() == Lifecycle::Running)
-            .map(|v| v.vm.control.vcpu_tids().len() as u32)
-            .sum()
-    }
-
-    fn vcpu_cpu(&self) -> Duration {
-        self.vms
-            .iter()
-            .flat_map(|v| v.vm.control.vcpu_tids())
-            .filter(|&tid| tid > 0)
-            .filter_map(ksm::thread_cpu_time)
             .sum()
     }
 }
