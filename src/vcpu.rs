@@ -3,15 +3,20 @@
 //!
 //! A kick is race-free: the kick signal's handler sets `immediate_exit` in the thread's own
 //! `kvm_run`, so a vCPU that is about to enter KVM_RUN returns at once instead of missing it.
+//!
+//! Short holds (zero-page reclaim) use a [`Gate`] instead of commands: a vCPU that is outside
+//! KVM_RUN (handling an exit, waiting in the idle port, paused) already cannot write guest memory,
+//! so only vCPUs inside the guest are kicked and waited for, and nobody waits for a sleeping
+//! thread to be scheduled just to acknowledge.
 
 use std::cell::Cell;
 use std::fmt;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run,
@@ -41,6 +46,8 @@ pub enum Error {
     },
     #[error("cannot install the vCPU kick signal handler")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("vCPU {index} did not leave the guest within {timeout:?}")]
+    NoHold { index: usize, timeout: Duration },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -142,6 +149,108 @@ pub fn init_kick_signal() -> Result<()> {
     result.map_err(Error::SignalHandler)
 }
 
+/// Keeps a VM's vCPUs out of the guest for a short window.
+///
+/// Each vCPU publishes whether it is inside KVM_RUN; the holder raises `hold` and then looks at
+/// those flags, the vCPU sets its flag and then looks at `hold` (both sequentially consistent), so
+/// at least one of them sees the other: either the holder sees the vCPU inside and kicks it out,
+/// or the vCPU sees the hold and waits before entering.
+pub struct Gate {
+    hold: AtomicBool,
+    in_guest: Box<[AtomicBool]>,
+    lock: Mutex<()>,
+    /// Signalled when a vCPU leaves the guest during a hold and when the hold ends.
+    changed: Condvar,
+}
+
+impl Gate {
+    pub fn new(vcpus: usize) -> Gate {
+        Gate {
+            hold: AtomicBool::new(false),
+            in_guest: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            lock: Mutex::new(()),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn guard(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds every vCPU out of the guest: `kick(index)`s those inside and waits until they have
+    /// left. The hold lasts until the returned guard drops (also on a panic); on error it is
+    /// already released. The caller serialises holds.
+    pub fn hold(&self, kick: impl Fn(usize), timeout: Duration) -> Result<Held<'_>> {
+        self.hold.store(true, Ordering::SeqCst);
+        for (index, inside) in self.in_guest.iter().enumerate() {
+            if inside.load(Ordering::SeqCst) {
+                kick(index);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.guard();
+        loop {
+            let inside = self.in_guest.iter().position(|f| f.load(Ordering::SeqCst));
+            let Some(index) = inside else {
+                return Ok(Held(self));
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                drop(guard);
+                self.release();
+                return Err(Error::NoHold { index, timeout });
+            }
+            guard = self
+                .changed
+                .wait_timeout(guard, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Ends a hold; waiting vCPUs enter the guest again.
+    fn release(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+        let _guard = self.guard();
+        self.changed.notify_all();
+    }
+
+    /// Called by vCPU `index` right before KVM_RUN: marks it inside, or waits out a hold first.
+    fn enter(&self, index: usize) {
+        loop {
+            self.in_guest[index].store(true, Ordering::SeqCst);
+            if !self.hold.load(Ordering::SeqCst) {
+                return;
+            }
+            self.leave(index);
+            let mut guard = self.guard();
+            while self.hold.load(Ordering::SeqCst) {
+                guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+
+    /// Called by vCPU `index` when KVM_RUN has returned.
+    fn leave(&self, index: usize) {
+        self.in_guest[index].store(false, Ordering::SeqCst);
+        if self.hold.load(Ordering::SeqCst) {
+            // Taking the lock orders this wake-up after the holder's check of the flags.
+            let _guard = self.guard();
+            self.changed.notify_all();
+        }
+    }
+}
+
+/// A hold on a VM's vCPUs; dropping it lets them run.
+#[must_use = "the vCPUs run again as soon as the hold drops"]
+pub struct Held<'a>(&'a Gate);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
 /// The VMM side of one vCPU thread.
 pub struct VcpuHandle {
     index: u8,
@@ -153,7 +262,7 @@ pub struct VcpuHandle {
 
 impl VcpuHandle {
     /// Starts the thread for `fd`, in the Paused state.
-    pub fn spawn(fd: VcpuFd, index: u8, vm: Arc<VmShared>) -> Result<VcpuHandle> {
+    pub fn spawn(fd: VcpuFd, index: u8, vm: Arc<VmShared>, gate: Arc<Gate>) -> Result<VcpuHandle> {
         init_kick_signal()?;
         let (commands, command_rx) = mpsc::channel();
         let (ack_tx, acks) = mpsc::channel();
@@ -166,7 +275,9 @@ impl VcpuHandle {
                 thread_tid.store(unsafe { libc::gettid() }, Ordering::Release);
                 VcpuThread {
                     fd,
+                    index: usize::from(index),
                     vm,
+                    gate,
                     commands: command_rx,
                     acks: ack_tx,
                     pending: None,
@@ -206,7 +317,8 @@ impl VcpuHandle {
         }
     }
 
-    fn kick(&self) {
+    /// Makes the thread leave KVM_RUN (or not enter it) and look at its commands and the gate.
+    pub fn kick(&self) {
         if let Some(thread) = &self.thread {
             // SAFETY: the thread is not joined yet, so its pthread_t is valid even if it finished.
             unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
@@ -235,7 +347,9 @@ impl VcpuHandle {
 
 struct VcpuThread {
     fd: VcpuFd,
+    index: usize,
     vm: Arc<VmShared>,
+    gate: Arc<Gate>,
     commands: Receiver<Command>,
     acks: Sender<State>,
     /// A command received while blocked in the idle port, handled before the next entry.
@@ -279,7 +393,10 @@ impl VcpuThread {
 
     /// Runs the guest until one exit has been handled; returns why the VM ends, if it does.
     fn enter_guest(&mut self) -> Option<VmEnd> {
-        let exit = match self.fd.run() {
+        self.gate.enter(self.index);
+        let result = self.fd.run();
+        self.gate.leave(self.index);
+        let exit = match result {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // Kicked: clear the flag and look at the commands.
@@ -324,5 +441,113 @@ impl VcpuThread {
             }),
             other => Some(VmEnd::Vmm(format!("unexpected KVM exit {other:?}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Threads that behave like vCPUs towards a [`Gate`]: "run the guest" (count) until kicked or
+    /// until they leave on their own every so often.
+    struct FakeVcpus {
+        gate: Arc<Gate>,
+        kicked: Arc<Vec<AtomicBool>>,
+        counts: Arc<Vec<std::sync::atomic::AtomicU64>>,
+        stop: Arc<AtomicBool>,
+        threads: Vec<JoinHandle<()>>,
+    }
+
+    impl FakeVcpus {
+        fn start(n: usize) -> FakeVcpus {
+            let gate = Arc::new(Gate::new(n));
+            let kicked: Arc<Vec<AtomicBool>> =
+                Arc::new((0..n).map(|_| AtomicBool::new(false)).collect());
+            let counts: Arc<Vec<std::sync::atomic::AtomicU64>> =
+                Arc::new((0..n).map(|_| Default::default()).collect());
+            let stop = Arc::new(AtomicBool::new(false));
+            let threads = (0..n)
+                .map(|i| {
+                    let (gate, kicked, counts, stop) =
+                        (gate.clone(), kicked.clone(), counts.clone(), stop.clone());
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::SeqCst) {
+                            gate.enter(i);
+                            for _ in 0..10_000 {
+                                if kicked[i].swap(false, Ordering::SeqCst) {
+                                    break;
+                                }
+                                counts[i].fetch_add(1, Ordering::SeqCst);
+                            }
+                            gate.leave(i);
+                        }
+                    })
+                })
+                .collect();
+            FakeVcpus {
+                gate,
+                kicked,
+                counts,
+                stop,
+                threads,
+            }
+        }
+
+        fn counts(&self) -> Vec<u64> {
+            self.counts
+                .iter()
+                .map(|c| c.load(Ordering::SeqCst))
+                .collect()
+        }
+
+        fn kick(&self) -> impl Fn(usize) + '_ {
+            |i| self.kicked[i].store(true, Ordering::SeqCst)
+        }
+
+        fn finish(self) {
+            self.stop.store(true, Ordering::SeqCst);
+            for t in self.threads {
+                t.join().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_hold_keeps_every_vcpu_out_of_the_guest() {
+        let vcpus = FakeVcpus::start(3);
+        let mut progressed = 0;
+        for _ in 0..200 {
+            let before_hold = vcpus.counts();
+            let held = vcpus
+                .gate
+                .hold(vcpus.kick(), Duration::from_secs(5))
+                .unwrap();
+            let at_hold = vcpus.counts();
+            std::thread::sleep(Duration::from_micros(200));
+            assert_eq!(vcpus.counts(), at_hold, "a vCPU ran during the hold");
+            drop(held);
+            if at_hold != before_hold {
+                progressed += 1;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        assert!(progressed > 0, "the vCPUs never ran between holds");
+        vcpus.finish();
+    }
+
+    #[test]
+    fn a_vcpu_that_never_leaves_fails_the_hold_and_releases_it() {
+        let gate = Gate::new(2);
+        gate.enter(1); // inside, and deaf to kicks
+        let err = gate.hold(|_| {}, Duration::from_millis(50)).err().unwrap();
+        assert!(matches!(err, Error::NoHold { index: 1, .. }), "{err}");
+        // The failed hold did not stay raised: another vCPU enters without waiting.
+        gate.enter(0);
+        gate.leave(0);
+        gate.leave(1);
+        drop(
+            gate.hold(|_| panic!("nobody is inside"), Duration::from_millis(50))
+                .unwrap(),
+        );
     }
 }

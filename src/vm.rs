@@ -17,7 +17,7 @@ use crate::devices::{self, Devices, serial};
 use crate::kvm::Host;
 use crate::loader::{self, InitrdImage, KernelImage};
 use crate::memory::{self, GuestRam};
-use crate::vcpu::{self, Command, State, VcpuHandle, VmEnd};
+use crate::vcpu::{self, Command, Gate, State, VcpuHandle, VmEnd};
 
 /// How long a vCPU may take to acknowledge a command before the VMM gives up on it.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -184,6 +184,7 @@ impl Vm {
         )?;
 
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        let gate = Arc::new(Gate::new(usize::from(cfg.vcpus)));
         for i in 0..cfg.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(i))
@@ -200,7 +201,7 @@ impl Vm {
                 kernel.entry,
                 kernel.mode,
             )?;
-            vcpus.push(VcpuHandle::spawn(fd, i, shared.clone())?);
+            vcpus.push(VcpuHandle::spawn(fd, i, shared.clone(), gate.clone())?);
         }
         if kernel.mode == EntryMode::Payload {
             log::debug!(
@@ -213,7 +214,7 @@ impl Vm {
         Ok(Vm {
             index,
             shared,
-            control: Arc::new(VmControl::new(name_for_control, vcpus)),
+            control: Arc::new(VmControl::new(name_for_control, vcpus, gate)),
             _vm_fd: vm_fd,
             ram,
             created,
@@ -295,6 +296,7 @@ impl Drop for Vm {
 pub struct VmControl {
     name: String,
     inner: Mutex<ControlInner>,
+    gate: Arc<Gate>,
 }
 
 struct ControlInner {
@@ -303,13 +305,14 @@ struct ControlInner {
 }
 
 impl VmControl {
-    fn new(name: String, vcpus: Vec<VcpuHandle>) -> VmControl {
+    fn new(name: String, vcpus: Vec<VcpuHandle>, gate: Arc<Gate>) -> VmControl {
         VmControl {
             name,
             inner: Mutex::new(ControlInner {
                 vcpus,
                 state: Lifecycle::Created,
             }),
+            gate,
         }
     }
 
@@ -343,18 +346,22 @@ impl VmControl {
         Ok(())
     }
 
-    /// Runs `f` while every vCPU of a running VM is out of the guest, then lets them run again.
-    /// Returns `f`'s result and how long the vCPUs were held, or None when the VM is not running
-    /// (not started yet, paused by someone else, or stopping).
+    /// Runs `f` while no vCPU of a running VM is inside the guest, then lets them run again.
+    /// Returns `f`'s result and how long the vCPUs were held (from the request to the release, so
+    /// including the wait for vCPUs to leave the guest), or None when the VM is not running (not
+    /// started yet, paused by someone else, or stopping).
     pub fn with_paused<T>(&self, f: impl FnOnce() -> T) -> Result<Option<(T, Duration)>> {
-        let mut inner = self.lock();
+        let inner = self.lock();
         if inner.state != Lifecycle::Running {
             return Ok(None);
         }
         let start = Instant::now();
-        inner.transition("pause", &[Lifecycle::Running], Command::Pause)?;
+        let held = self.gate.hold(
+            |i| inner.vcpus.get(i).map_or((), VcpuHandle::kick),
+            ACK_TIMEOUT,
+        )?;
         let value = f();
-        inner.transition("resume", &[Lifecycle::Running], Command::Run)?;
+        drop(held);
         Ok(Some((value, start.elapsed())))
     }
 

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::config::DedupMode;
 use crate::dedup::accounting::{self, Accountant, Snapshot, VmRange};
+use crate::dedup::cpu::HostCpu;
 use crate::dedup::ksm::{self, Counters, Knob, KsmOwner, KsmSysfs};
 use crate::dedup::policy::{CpuBudget, Knobs, Policy, PolicyKind, Sample};
 use crate::dedup::zero::{self, PassReport, ZeroScanner};
@@ -29,6 +30,10 @@ const ZERO_MAX_BACKOFF_TICKS: u32 = 30;
 /// tick: pausing a busy guest costs it most, and a guest that is booting or working reuses the
 /// zero pages it has (a booting kernel zeroes much of its memory) before long.
 const ZERO_IDLE_BELOW: f64 = 0.5;
+/// Zero pages are reclaimed only while the host had at least this many CPUs idle over the last tick
+/// (not counting the merge thread's own work): with none to spare, the scheduler stretches a hold
+/// of a fraction of a millisecond to several of its ticks (see [`crate::dedup::cpu`]).
+const ZERO_HEADROOM_CPUS: f64 = 0.5;
 /// Pause durations kept for the p99 figure.
 const PAUSE_WINDOW: usize = 4096;
 
@@ -94,6 +99,10 @@ pub struct Status {
     /// Guest RAM the zero-page scanner has read, and the time it spent (pauses included).
     pub zero_scanned_mib: f64,
     pub zero_scan_s: f64,
+    /// Ticks on which zero-page reclaim waited because the host had no CPU to spare.
+    pub zero_deferred_ticks: u64,
+    /// Idle CPUs of the host over the last tick, the merge thread's own share counted as idle.
+    pub host_headroom_cpus: Option<f64>,
     /// ksmd's CPU use over the last tick, in % of one core.
     pub ksmd_cpu_pct: f64,
     pub ksmd_cpu_s: f64,
@@ -213,6 +222,9 @@ struct Worker {
     scan_time: Duration,
     vcpu_cpu_total: Duration,
     cpu_at_last_tick: Duration,
+    host_cpu: HostCpu,
+    /// Idle CPUs over the last tick plus the merge thread's own share (None until known).
+    headroom: Option<f64>,
     last_snapshot: Option<Snapshot>,
     last_counters: Counters,
     status: Status,
@@ -263,6 +275,8 @@ impl Worker {
             scan_time: Duration::ZERO,
             vcpu_cpu_total: Duration::ZERO,
             cpu_at_last_tick: Duration::ZERO,
+            host_cpu: HostCpu::new(),
+            headroom: None,
             last_snapshot: None,
             last_counters: Counters::default(),
             status,
@@ -273,6 +287,11 @@ impl Worker {
     fn tick(&mut self) {
         self.ticks += 1;
         self.sample_vcpus();
+        self.headroom = self
+            .host_cpu
+            .idle_cpus()
+            .map(|idle| idle + self.status.merge_thread_cpu_pct / 100.0);
+        self.status.host_headroom_cpus = self.headroom;
         self.reclaim_zero_pages();
         if self.ticks % u64::from(self.opts.account_every.max(1)) == 1 || self.ticks == 1 {
             self.account();
@@ -313,6 +332,10 @@ impl Worker {
     }
 
     fn reclaim_zero_pages(&mut self) {
+        if !host_has_headroom(self.headroom) {
+            self.status.zero_deferred_ticks += 1;
+            return;
+        }
         for state in &mut self.vms {
             if state.vm.dedup == DedupMode::Off || !state.running {
                 continue;
@@ -519,6 +542,12 @@ fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// Whether the host can spare the CPU for holding guests; unknown headroom (first tick, unreadable
+/// /proc/stat) leaves the decision to the per-guest idle check.
+fn host_has_headroom(idle_cpus: Option<f64>) -> bool {
+    idle_cpus.is_none_or(|idle| idle >= ZERO_HEADROOM_CPUS)
+}
+
 /// The knobs kvmerge touches when it owns KSM.
 pub const OWNED_KNOBS: &[Knob] = &[
     Knob::Run,
@@ -529,3 +558,17 @@ pub const OWNED_KNOBS: &[Knob] = &[
     // The kernel's advisor overrides pages_to_scan: kvmerge turns it off while it steers.
     Knob::AdvisorMode,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reclaim_waits_for_a_host_with_cpu_to_spare() {
+        assert!(host_has_headroom(None));
+        assert!(host_has_headroom(Some(1.7)));
+        assert!(host_has_headroom(Some(ZERO_HEADROOM_CPUS)));
+        assert!(!host_has_headroom(Some(0.2)));
+        assert!(!host_has_headroom(Some(0.0)));
+    }
+}

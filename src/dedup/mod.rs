@@ -2,6 +2,7 @@
 //! coordinated by the one merge thread of the process.
 
 pub mod accounting;
+pub mod cpu;
 pub mod ksm;
 pub mod merge;
 pub mod policy;
