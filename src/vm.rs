@@ -291,8 +291,9 @@ impl Drop for Vm {
 }
 
 /// A VM's vCPU threads and lifecycle, shared between the control loop (start, stop) and the merge
-/// thread (pauses around zero-page reclaim). One lock orders every command: each command is
-/// posted to all vCPUs and acknowledged by all before the next one is posted.
+/// thread (holds around zero-page reclaim). One lock orders every command and hold: each command
+/// is posted to all vCPUs and acknowledged by all before the next one is posted; a hold goes
+/// through the VM's [`Gate`] and needs no acknowledgement from vCPUs outside the guest.
 pub struct VmControl {
     name: String,
     inner: Mutex<ControlInner>,

@@ -4,11 +4,12 @@
 //!
 //! Dropping a page is only safe while nothing can write it between the check and the drop, so a
 //! batch goes in two steps: a racy scan while the guest runs finds candidates (cheap, most pages
-//! fail at their first word); then the VM's vCPUs are paused (kick + acknowledge), each candidate
-//! is checked again, the zero ones are dropped, and the vCPUs resume. No device of a VM writes
-//! guest memory today (serial and i8042 only do port I/O), so pausing the vCPUs is enough; a
-//! DMA-capable device would have to be quiesced in the same window. Batches are small so that a
-//! pause stays well under a millisecond.
+//! fail at their first word); then the VM's vCPUs are held out of the guest (those inside KVM_RUN
+//! are kicked and waited for, the others are stopped at its door: [`crate::vcpu::Gate`]), each
+//! candidate is checked again, the zero ones are dropped, and the vCPUs go on. No device of a VM
+//! writes guest memory today (serial and i8042 only do port I/O, and KVM writes guest memory only
+//! inside KVM_RUN), so holding the vCPUs is enough; a DMA-capable device would have to be
+//! quiesced in the same window. Batches are small so that a hold stays well under a millisecond.
 
 use std::time::{Duration, Instant};
 
