@@ -34,6 +34,8 @@ const ZERO_IDLE_BELOW: f64 = 0.5;
 /// (not counting the merge thread's own work): with none to spare, the scheduler stretches a hold
 /// of a fraction of a millisecond to several of its ticks (see [`crate::dedup::cpu`]).
 const ZERO_HEADROOM_CPUS: f64 = 0.5;
+/// Longest run of ticks reclaim waits for such a host before it goes ahead anyway.
+const ZERO_MAX_DEFER_TICKS: u32 = 5;
 /// Pause durations kept for the p99 figure.
 const PAUSE_WINDOW: usize = 4096;
 
@@ -225,6 +227,7 @@ struct Worker {
     host_cpu: HostCpu,
     /// Idle CPUs over the last tick plus the merge thread's own share (None until known).
     headroom: Option<f64>,
+    deferred_in_a_row: u32,
     last_snapshot: Option<Snapshot>,
     last_counters: Counters,
     status: Status,
@@ -277,6 +280,7 @@ impl Worker {
             cpu_at_last_tick: Duration::ZERO,
             host_cpu: HostCpu::new(),
             headroom: None,
+            deferred_in_a_row: 0,
             last_snapshot: None,
             last_counters: Counters::default(),
             status,
@@ -332,10 +336,12 @@ impl Worker {
     }
 
     fn reclaim_zero_pages(&mut self) {
-        if !host_has_headroom(self.headroom) {
+        if !may_reclaim(self.headroom, self.deferred_in_a_row) {
+            self.deferred_in_a_row += 1;
             self.status.zero_deferred_ticks += 1;
             return;
         }
+        self.deferred_in_a_row = 0;
         for state in &mut self.vms {
             if state.vm.dedup == DedupMode::Off || !state.running {
                 continue;
@@ -542,10 +548,13 @@ fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// Whether the host can spare the CPU for holding guests; unknown headroom (first tick, unreadable
-/// /proc/stat) leaves the decision to the per-guest idle check.
-fn host_has_headroom(idle_cpus: Option<f64>) -> bool {
-    idle_cpus.is_none_or(|idle| idle >= ZERO_HEADROOM_CPUS)
+/// Whether this tick may hold guests for reclaim: when the host can spare the CPU, or when reclaim
+/// has already waited [`ZERO_MAX_DEFER_TICKS`] ticks in a row (a host that never has CPU to spare
+/// still gets its memory back, at the cost of longer holds). Unknown headroom (first tick,
+/// unreadable /proc/stat) leaves the decision to the per-guest idle check.
+fn may_reclaim(idle_cpus: Option<f64>, deferred_in_a_row: u32) -> bool {
+    deferred_in_a_row >= ZERO_MAX_DEFER_TICKS
+        || idle_cpus.is_none_or(|idle| idle >= ZERO_HEADROOM_CPUS)
 }
 
 /// The knobs kvmerge touches when it owns KSM.
@@ -565,10 +574,12 @@ mod tests {
 
     #[test]
     fn reclaim_waits_for_a_host_with_cpu_to_spare() {
-        assert!(host_has_headroom(None));
-        assert!(host_has_headroom(Some(1.7)));
-        assert!(host_has_headroom(Some(ZERO_HEADROOM_CPUS)));
-        assert!(!host_has_headroom(Some(0.2)));
-        assert!(!host_has_headroom(Some(0.0)));
+        assert!(may_reclaim(None, 0));
+        assert!(may_reclaim(Some(1.7), 0));
+        assert!(may_reclaim(Some(ZERO_HEADROOM_CPUS), 0));
+        assert!(!may_reclaim(Some(0.2), 0));
+        assert!(!may_reclaim(Some(0.0), ZERO_MAX_DEFER_TICKS - 1));
+        // A host that stays busy still gets reclaim after a bounded wait.
+        assert!(may_reclaim(Some(0.0), ZERO_MAX_DEFER_TICKS));
     }
 }
