@@ -207,8 +207,34 @@ fn two_vcpus_are_online() {
     assert_eq!(out.code(), Some(0), "{}", out.dump());
 }
 
+/// Whether scripts/linux-run will take the lab route (its own rule, or KVMERGE_LINUX_VIA).
+fn via_lab() -> bool {
+    match std::env::var("KVMERGE_LINUX_VIA").as_deref() {
+        Ok("lab") => return true,
+        Ok("direct") => return false,
+        _ => {}
+    }
+    let hardware = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        .unwrap_or(false);
+    !(hardware
+        && std::path::Path::new("/dev/kvm").exists()
+        && !std::path::Path::new("/sys/module/kvm_pvm").exists())
+}
+
 #[test]
 fn four_guests_in_one_process() {
+    // The lab loses a quarter or more of such rounds under QEMU microvm too (docs/lab.md,
+    // "Concurrent guests"), so there this test would measure the lab, not kvmerge. It runs on
+    // hardware KVM; KVMERGE_LAB_CONCURRENT=1 runs it in the lab anyway.
+    if via_lab() && std::env::var("KVMERGE_LAB_CONCURRENT").as_deref() != Ok("1") {
+        eprintln!(
+            "SKIPPED: four concurrent Linux guests run on hardware KVM only; the nested lab loses \
+             some whatever the VMM (docs/lab.md, \"Concurrent guests\"; scripts/lab-stress \
+             measures it; KVMERGE_LAB_CONCURRENT=1 runs this test there anyway)"
+        );
+        return;
+    }
     let Some(out) = tiny("bzImage", &["--count", "4"], "kvmerge.then=exit:0") else {
         return;
     };
