@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod output;
 pub mod runner;
 pub mod terminal;
 pub mod vcpu;

@@ -1,31 +1,50 @@
 //! `kvmerge`: arguments → `Config` → `runner::run` → exit status.
+//!
+//! Everything kvmerge itself writes to stderr goes through `output`: it never panics on a failing
+//! stderr (`2>/dev/full`, a closed pipe) and never blocks on one that does not read (a stopped
+//! terminal) for longer than [`STDERR_FLUSH`] at the end.
 
-use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use kvmerge::cli::{Cli, Command};
+use kvmerge::output;
 use kvmerge::runner;
 
 /// Exit status for bad usage or bad input, as clap uses for usage errors.
 const EXIT_USAGE: u8 = 2;
 
+/// How long kvmerge's last messages may wait for stderr before the process exits anyway.
+const STDERR_FLUSH: Duration = Duration::from_secs(1);
+
 fn main() -> ExitCode {
+    let code = run_command();
+    output::finish_stderr(STDERR_FLUSH);
+    code
+}
+
+fn run_command() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
     init_logging(cli.verbose);
-    // Host KSM knobs kvmerge changed are put back even if some thread panics.
+    // Host KSM knobs kvmerge changed are put back even if some thread panics; so is a terminal
+    // the interactive console made raw (that hook runs first).
     kvmerge::dedup::ksm::install_panic_hook();
+    kvmerge::terminal::install_panic_hook();
     match cli.command {
         Command::Ksm => match kvmerge::dedup::ksm::report(&kvmerge::dedup::ksm::KsmSysfs::host()) {
-            Ok(report) => {
-                print!("{report}");
-                ExitCode::SUCCESS
-            }
+            Ok(report) => match write_stdout(report.as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    output::eprintln(&format!("kvmerge: cannot write the report: {e}"));
+                    ExitCode::from(1)
+                }
+            },
             Err(e) => {
-                eprintln!("kvmerge: {}", error_chain(&e));
+                output::eprintln(&format!("kvmerge: {}", error_chain(&e)));
                 ExitCode::from(1)
             }
         },
@@ -33,27 +52,47 @@ fn main() -> ExitCode {
             let config = match args.into_config(kvmerge::cli::on_terminal()) {
                 Ok(config) => config,
                 Err(e) => {
-                    eprintln!("kvmerge: {e}");
+                    output::eprintln(&format!("kvmerge: {e}"));
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
+            // Everything below is written after the run restored host state (KSM knobs, the
+            // terminal).
             match runner::run(&config) {
                 Ok(report) => {
-                    for line in report.vms.iter().filter_map(|vm| vm.failure_line()) {
-                        eprintln!("kvmerge: {line}");
+                    if let Some(status) = &report.dedup {
+                        if config.status_line {
+                            output::eprintln("");
+                        }
+                        if config.summary {
+                            output::eprintln(&kvmerge::dedup::report::summary_table(status));
+                        }
+                    }
+                    for vm in &report.vms {
+                        for line in [vm.failure_line(), vm.dropped_line()].into_iter().flatten() {
+                            output::eprintln(&format!("kvmerge: {line}"));
+                        }
                     }
                     if report.timed_out {
-                        eprintln!("kvmerge: --timeout expired");
+                        output::eprintln("kvmerge: --timeout expired");
                     }
                     ExitCode::from(report.exit_code() as u8)
                 }
                 Err(e) => {
-                    eprintln!("kvmerge: {}", error_chain(&e));
+                    output::eprintln(&format!("kvmerge: {}", error_chain(&e)));
                     ExitCode::from(if e.is_bad_input() { EXIT_USAGE } else { 1 })
                 }
             }
         }
     }
+}
+
+/// Writes all of `bytes` to stdout, reporting (never panicking on) an error.
+fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()
 }
 
 /// Help and version go to stdout as usual; a usage error becomes one line on stderr, exit 2.
@@ -77,7 +116,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .collect();
     let text = text.join(" ");
     let text = text.strip_prefix("error: ").unwrap_or(&text);
-    eprintln!("kvmerge: {text} (try --help)");
+    output::eprintln(&format!("kvmerge: {text} (try --help)"));
     ExitCode::from(EXIT_USAGE)
 }
 
@@ -107,11 +146,7 @@ impl log::Log for StderrLogger {
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
             let level = record.level().to_string().to_lowercase();
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "kvmerge: {level}: {}",
-                record.args()
-            );
+            output::eprintln(&format!("kvmerge: {level}: {}", record.args()));
         }
     }
 

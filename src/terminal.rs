@@ -1,11 +1,44 @@
 //! Raw mode for the interactive console, restored when the guard drops (normal end, error, or a
-//! signal, since SIGINT/SIGTERM are handled through the control loop rather than killing us).
+//! signal, since every catchable stop signal is handled through the control loop rather than
+//! killing us), and by the panic hook of [`install_panic_hook`] when any thread panics.
 
 use std::os::fd::RawFd;
+use std::sync::{Mutex, Once};
 
 pub struct RawMode {
     fd: RawFd,
     saved: libc::termios,
+}
+
+/// The settings to put back, while some terminal is raw: read by the panic hook.
+static SAVED: Mutex<Option<(RawFd, libc::termios)>> = Mutex::new(None);
+
+/// Puts back the terminal settings kvmerge changed, if any. Never blocks on the registry: a panic
+/// may happen while this very thread holds it.
+pub fn restore_saved() {
+    let saved = match SAVED.try_lock() {
+        Ok(guard) => *guard,
+        Err(std::sync::TryLockError::Poisoned(p)) => *p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return,
+    };
+    if let Some((fd, termios)) = saved {
+        // SAFETY: restores settings read from this fd by tcgetattr.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &termios) };
+    }
+}
+
+/// Installs (once) a panic hook that restores a raw terminal before the previous hook runs, so
+/// the panic message lands on a sane terminal and the user's shell gets it back whichever thread
+/// panicked. Install it after any other hook that must run before the terminal is restored.
+pub fn install_panic_hook() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore_saved();
+            previous(info);
+        }));
+    });
 }
 
 impl RawMode {
@@ -22,9 +55,13 @@ impl RawMode {
         raw.c_iflag &= !(libc::IXON | libc::ICRNL | libc::INLCR | libc::IGNCR | libc::BRKINT);
         raw.c_cc[libc::VMIN] = 1;
         raw.c_cc[libc::VTIME] = 0;
+        // Registered before the change, so a panic at any point after it can undo it.
+        *SAVED.lock().unwrap_or_else(|p| p.into_inner()) = Some((fd, saved));
         // SAFETY: `raw` is a valid termios derived from the current one.
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
-            return Err(std::io::Error::last_os_error());
+            let err = std::io::Error::last_os_error();
+            *SAVED.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Err(err);
         }
         Ok(RawMode { fd, saved })
     }
@@ -34,6 +71,7 @@ impl Drop for RawMode {
     fn drop(&mut self) {
         // SAFETY: restores the exact settings read in `enter`.
         unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+        *SAVED.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 

@@ -82,7 +82,8 @@ impl Devices {
         serial.enqueue_raw_bytes(&bytes[..n]).unwrap_or(0)
     }
 
-    /// Flushes the guest's last partial console line once it has ended.
+    /// Queues the guest's last partial console line once it has ended (no I/O: the console's
+    /// writer thread writes it).
     pub fn finish_console(&self) {
         if let Err(e) = lock(&self.serial).writer_mut().finish() {
             log::warn!("console output failed: {e}");
@@ -104,7 +105,7 @@ fn serial_offset(port: u16) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::console::{ConsoleSink, Output};
+    use crate::console::ConsoleSink;
     use crate::devices::serial::new_serial;
     use std::sync::Arc;
     use vmm_sys_util::eventfd::EventFd;
@@ -112,7 +113,7 @@ mod tests {
     fn devices() -> Devices {
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let drained = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        let sink = ConsoleSink::new(Output::Discard, None);
+        let sink = ConsoleSink::discard(None);
         let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         Devices::new(new_serial(evt, drained, sink), I8042::new(kbd_irq))
     }
