@@ -472,35 +472,20 @@ fn run_fleet(
         teardown(vms);
         return Err(e);
     }
-    // Guests have stopped but their RAM is still mapped: the merge thread's last accounting sees
-    // what they ended with.
+    // Guests are out of the guest (or on their way out) but their RAM is still mapped: the merge
+    // thread's last accounting sees what they ended with.
+    let started = Instant::now();
     let dedup = c.merge.take().map(MergeThread::stop);
+    log::debug!("merge thread stopped in {:?}", started.elapsed());
     if let (Some(status), Some(stats)) = (&dedup, &c.stats) {
         write_stats(stats, status, true);
     }
-    let reports: Vec<VmReport> = vms
-        .iter()
-        .zip(expects)
-        .map(|(vm, expect)| {
-            let (end, at) = vm
-                .outcome()
-                .cloned()
-                .unwrap_or((VmEnd::Vmm("no outcome recorded".into()), Instant::now()));
-            VmReport {
-                name: vm.name().to_string(),
-                end,
-                expect_missed: expect
-                    .as_ref()
-                    .filter(|e| !e.matched())
-                    .map(|e| e.pattern().to_string()),
-                lifetime: at.saturating_duration_since(vm.created()),
-                console_dropped: 0,
-            }
-        })
-        .collect();
     let started = Instant::now();
-    teardown(vms);
-    log::debug!("teardown took {:?}", started.elapsed());
+    let reports = retire(vms, expects);
+    log::debug!(
+        "collected and destroyed every VM in {:?}",
+        started.elapsed()
+    );
     // Guest RAM is gone, so restoring the knobs (which may unmerge) has nothing of ours to do.
     drop(ksm_owner);
     drop(raw);
@@ -790,6 +775,41 @@ fn spread(n: usize, workers: usize, f: impl Fn(usize) + Sync) {
     });
 }
 
+/// Collects every VM's vCPU threads (which flushes its console into its lane, so `--expect` has
+/// seen its last line), reports on it and destroys it, many VMs at a time (see [`STOP_WORKERS`]).
+/// One pass rather than collect-all-then-destroy: each VM destroyed early makes the munmaps of the
+/// rest cheaper (every munmap in the process calls into every live VM's MMU notifier).
+fn retire(vms: Vec<Vm>, expects: &[Option<Expect>]) -> Vec<VmReport> {
+    let n = vms.len();
+    let slots: Vec<Mutex<Option<Vm>>> = vms.into_iter().map(|vm| Mutex::new(Some(vm))).collect();
+    let reports: Vec<Mutex<Option<VmReport>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    spread(n, STOP_WORKERS, |i| {
+        let Some(vm) = lock(&slots[i]).take() else {
+            return;
+        };
+        vm.finish_stop();
+        let (end, at) = vm
+            .outcome()
+            .cloned()
+            .unwrap_or((VmEnd::Vmm("no outcome recorded".into()), Instant::now()));
+        let expect = expects.get(vm.index()).and_then(Option::as_ref);
+        *lock(&reports[i]) = Some(VmReport {
+            name: vm.name().to_string(),
+            end,
+            expect_missed: expect
+                .filter(|e| !e.matched())
+                .map(|e| e.pattern().to_string()),
+            lifetime: at.saturating_duration_since(vm.created()),
+            console_dropped: 0,
+        });
+        drop(vm);
+    });
+    reports
+        .into_iter()
+        .filter_map(|r| r.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .collect()
+}
+
 /// Stops and destroys VMs, many at a time (see [`STOP_WORKERS`]).
 fn teardown(vms: Vec<Vm>) {
     let n = vms.len();
@@ -801,14 +821,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Ends every VM still running with `why`: tells every vCPU thread of every VM to exit first, then
-/// collects them all at once, so the wait is that of the slowest VM, not the sum.
+/// Ends every VM still running with `why`: tells every vCPU thread of every VM to leave the guest
+/// and exit, without waiting; [`retire`] or [`teardown`] collects them, all at once.
 fn stop_all(vms: &[Vm], why: VmEnd) {
     for vm in vms {
         vm.shared().end(why.clone());
         vm.request_stop();
     }
-    collect(vms, &(0..vms.len()).collect::<Vec<_>>());
 }
 
 /// Waits (bounded) for the vCPU threads of `vms[which]`, after `request_stop`, many at a time.
@@ -858,10 +877,11 @@ impl Control {
         }
     }
 
+    /// Every VM has stopped or been told to (its vCPU threads are collected at the end).
     fn finished(&self) -> bool {
         self.vms
             .iter()
-            .all(|vm| vm.state() == vm::Lifecycle::Stopped)
+            .all(|vm| matches!(vm.state(), vm::Lifecycle::Stopping | vm::Lifecycle::Stopped))
     }
 
     /// Stops the VMs whose guests have ended.

@@ -294,13 +294,13 @@ fn every_catchable_stop_signal_ends_the_run_cleanly() {
         return;
     }
     let steered = ksm_steerable();
-    let before = knobs();
     for (how, sig) in [
         ("SIGHUP", libc::SIGHUP),
         ("SIGQUIT", libc::SIGQUIT),
         ("SIGUSR1", libc::SIGUSR1),
         ("SIGUSR2", libc::SIGUSR2),
     ] {
+        let before = knobs();
         let dir = TempDir::new("signals");
         let stats = dir.path().join("stats.jsonl");
         let mut cmd = kvmerge();
@@ -323,21 +323,26 @@ fn every_catchable_stop_signal_ends_the_run_cleanly() {
             .stderr(Stdio::piped());
         let mut child = Running(cmd.spawn().expect("cannot start kvmerge"));
         let rx = stderr_lines(&mut child.0);
-        // Running, and steering KSM where it can.
+        // Running: the first figures are out. Whether this run steers KSM shows there too (not
+        // when another kvmerge on the host holds the knobs).
         let deadline = Instant::now() + LIMIT;
-        loop {
+        let owned = loop {
             let text = std::fs::read_to_string(&stats).unwrap_or_default();
-            let up = text.lines().last().and_then(|l| {
+            let line = text.lines().last().and_then(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                Some(!steered || v["ksm_owned"] == true)
+                Some(v["ksm_owned"] == true)
             });
-            if up == Some(true) {
-                break;
+            if let Some(owned) = line {
+                break owned;
             }
             assert!(Instant::now() < deadline, "{how}: run did not get going");
             std::thread::sleep(Duration::from_millis(50));
+        };
+        let compare = steered && owned;
+        if steered && !owned {
+            eprintln!("note: {how}: another process holds the host's KSM knobs; not compared");
         }
-        if steered {
+        if compare {
             assert_ne!(
                 knobs(),
                 before,
@@ -361,7 +366,9 @@ fn every_catchable_stop_signal_ends_the_run_cleanly() {
                 stderr.join("\n")
             );
         }
-        assert_eq!(knobs(), before, "{how}: host KSM knobs restored");
+        if compare {
+            assert_eq!(knobs(), before, "{how}: host KSM knobs restored");
+        }
     }
 }
 
