@@ -139,8 +139,9 @@ struct Console {
 }
 
 impl Console {
-    fn spawn(pty: Pty, cmdline: &str) -> Console {
+    fn spawn_env(pty: Pty, cmdline: &str, env: &[(&str, &str)]) -> Console {
         let mut cmd = kvmerge();
+        cmd.envs(env.iter().copied());
         cmd.arg("run")
             .arg("--kernel")
             .arg(payload())
@@ -256,7 +257,11 @@ impl Console {
     /// Starts kvmerge on `pty` and waits until the guest waits for input (kvmerge prints its
     /// banner once raw mode is on, before the guest starts).
     fn attach(pty: Pty, cmdline: &str) -> Console {
-        let mut c = Console::spawn(pty, cmdline);
+        Console::attach_env(pty, cmdline, &[])
+    }
+
+    fn attach_env(pty: Pty, cmdline: &str, env: &[(&str, &str)]) -> Console {
+        let mut c = Console::spawn_env(pty, cmdline, env);
         c.expect(BANNER);
         c.expect_line("PAYLOAD-CONSOLE");
         c
@@ -384,4 +389,97 @@ fn pasted_input_longer_than_the_uart_fifo_arrives_whole() {
     c.expect_line(&format!("PAYLOAD-GOT {line}"));
     let status = c.wait_exit(LIMIT);
     assert_eq!(status.code(), Some(0), "{}", c.dump());
+}
+
+/// The terminal's line discipline flags are back to `before` within `LIMIT`.
+fn wait_restored(c: &mut Console, before: &libc::termios, what: &str) {
+    let deadline = Instant::now() + LIMIT;
+    while c.slave_termios().c_lflag != before.c_lflag {
+        assert!(
+            Instant::now() < deadline,
+            "terminal not restored: {what}\n{}",
+            c.dump()
+        );
+        c.pump(Duration::from_millis(20));
+    }
+    assert_eq!(c.slave_termios().c_iflag, before.c_iflag, "{what}: c_iflag");
+}
+
+#[test]
+fn a_panic_in_any_thread_restores_the_terminal() {
+    if !kvm_available() {
+        return;
+    }
+    let pty = Pty::open();
+    let before = termios(pty.slave.as_raw_fd());
+    // The merge thread panics on its third tick; the guest and kvmerge keep running.
+    let mut c = Console::attach_env(
+        pty,
+        "then=console",
+        &[("KVMERGE_INJECT_PANIC", "merge-thread")],
+    );
+    c.expect("injected panic");
+    wait_restored(&mut c, &before, "after a panic in the merge thread");
+    assert!(
+        c.exit.is_none(),
+        "kvmerge ended with the panic\n{}",
+        c.dump()
+    );
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(c.child.0.id() as i32, libc::SIGTERM) };
+    let status = c.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(143), "{}", c.dump());
+    assert_eq!(c.slave_termios().c_lflag, before.c_lflag);
+}
+
+#[test]
+fn sighup_ends_the_run_and_restores_the_terminal() {
+    if !kvm_available() {
+        return;
+    }
+    let pty = Pty::open();
+    let before = termios(pty.slave.as_raw_fd());
+    let mut c = Console::attach(pty, "then=console");
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(c.child.0.id() as i32, libc::SIGHUP) };
+    let status = c.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(128 + libc::SIGHUP), "{}", c.dump());
+    wait_restored(&mut c, &before, "after SIGHUP");
+}
+
+/// A terminal whose output is suspended (Ctrl-S with IXON, or tcflow) makes every write to it
+/// block. The guest's echo then waits in kvmerge's console writer, not in its vCPU or the
+/// control loop: SIGTERM still ends the run promptly and restores the terminal.
+#[test]
+fn a_suspended_terminal_does_not_hold_a_stop() {
+    if !kvm_available() {
+        return;
+    }
+    let pty = Pty::open();
+    let before = termios(pty.slave.as_raw_fd());
+    let slave = pty.slave.as_raw_fd();
+    let mut c = Console::attach(pty, "then=console");
+    // SAFETY: tcflow on the pty slave we hold.
+    assert_eq!(unsafe { libc::tcflow(slave, libc::TCOOFF) }, 0);
+    for i in 0..50 {
+        c.send(format!("line {i} that the guest echoes back\r").as_bytes());
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(c.child.0.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = c.child.0.try_wait().expect("waitpid") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kvmerge still running 15 s after SIGTERM with the terminal suspended"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // SAFETY: as above; lets what was written out.
+    unsafe { libc::tcflow(slave, libc::TCOON) };
+    c.exit = Some((status, Instant::now()));
+    assert_eq!(status.code(), Some(143), "{}", c.dump());
+    wait_restored(&mut c, &before, "after SIGTERM with output suspended");
 }
