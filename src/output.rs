@@ -342,8 +342,9 @@ struct Stderr {
     writer: Mutex<Option<Writer>>,
 }
 
+static STDERR: OnceLock<Option<Stderr>> = OnceLock::new();
+
 fn stderr() -> Option<&'static Stderr> {
-    static STDERR: OnceLock<Option<Stderr>> = OnceLock::new();
     STDERR
         .get_or_init(|| {
             let spec = LaneSpec {
@@ -391,10 +392,12 @@ pub fn eprint_if_idle(bytes: &[u8]) {
     }
 }
 
-/// Lets queued stderr output out for at most `within`; later messages are written directly.
+/// Lets queued stderr output out for at most `within`; messages queued later are not written.
 /// Call once, right before the process exits.
 pub fn finish_stderr(within: Duration) {
-    let Some(stderr) = stderr() else { return };
+    let Some(Some(stderr)) = STDERR.get() else {
+        return;
+    };
     let deadline = Instant::now() + within;
     let writer = lock(&stderr.writer).take();
     if let Some(writer) = writer {
