@@ -14,6 +14,7 @@
 use std::time::{Duration, Instant};
 
 use crate::memory::GuestRam;
+use crate::vcpu;
 use crate::vm::{self, VmControl};
 
 pub const PAGE_SIZE: usize = 4096;
@@ -97,7 +98,7 @@ impl ZeroScanner {
 
     /// Scans up to `max_pages` pages of `ram` from where the last call stopped (wrapping around at
     /// the end), reclaiming zero pages with `control`'s vCPUs paused. Stops early, without error,
-    /// when the VM is not running. Returns whether the scan wrapped past the end.
+    /// when the VM is not running or its vCPUs could not be held in time. Returns whether the scan wrapped past the end.
     pub fn scan(
         &mut self,
         ram: &GuestRam,
@@ -197,7 +198,16 @@ unsafe fn scan_batch(
             }
             result.map(|()| dropped)
         });
-        match paused.map_err(Error::Pause)? {
+        let paused = match paused {
+            // A vCPU did not leave the guest in time (a long exit, or a host too busy to run
+            // it): skip this batch; the next pass looks again.
+            Err(vm::Error::Vcpu(vcpu::Error::NoHold { index, timeout })) => {
+                log::debug!("zero-page reclaim skipped: vCPU {index} not out within {timeout:?}");
+                return Ok(None);
+            }
+            other => other.map_err(Error::Pause)?,
+        };
+        match paused {
             Some((dropped, held)) => {
                 report.reclaimed = dropped?;
                 report.pauses.push(held);
