@@ -321,6 +321,11 @@ impl Gate {
         }
     }
 
+    /// Whether vCPU `index` is inside KVM_RUN (or about to enter it).
+    pub fn is_inside(&self, index: usize) -> bool {
+        self.slots[index].in_guest.load(Ordering::SeqCst)
+    }
+
     fn first_inside(&self) -> Option<usize> {
         self.slots
             .iter()
@@ -497,7 +502,6 @@ impl VcpuHandle {
         ram: Arc<GuestRam>,
         gate: Arc<Gate>,
     ) -> Result<VcpuHandle> {
-        init_kick_signal()?;
         let name = format!("{}-vcpu{index}", vm.name());
         VcpuHandle::spawn_with(name, index, gate, move |port| {
             VcpuThread {
@@ -518,6 +522,7 @@ impl VcpuHandle {
         gate: Arc<Gate>,
         body: impl FnOnce(VcpuPort) + Send + 'static,
     ) -> Result<VcpuHandle> {
+        init_kick_signal()?;
         let tid = Arc::new(AtomicI32::new(0));
         let thread_tid = tid.clone();
         let port = gate.port(usize::from(index));
@@ -609,6 +614,17 @@ impl VcpuHandle {
     /// Linux thread id, for reading its CPU time (0 until the thread has started).
     pub fn tid(&self) -> i32 {
         self.tid.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for VcpuHandle {
+    /// A handle dropped without `join` (a VM whose build failed half-way) still tells its thread
+    /// to exit, without waiting for it.
+    fn drop(&mut self) {
+        let running = self.thread.get_mut().map_or(true, |t| t.is_some());
+        if running {
+            self.post(Command::Exit);
+        }
     }
 }
 
@@ -963,6 +979,30 @@ mod tests {
         );
         vcpu.join().unwrap();
         gate.lower();
+    }
+
+    #[test]
+    fn a_dropped_handle_tells_its_thread_to_exit() {
+        let gate = Arc::new(Gate::new(1));
+        let handle = VcpuHandle::spawn_with("unit-vcpu".into(), 0, gate.clone(), |mut port| {
+            loop {
+                match port.next_command() {
+                    Some(Command::Exit) => return,
+                    Some(Command::Start) => port.ack(State::Running),
+                    None => port.wait_command(None),
+                }
+            }
+        })
+        .unwrap();
+        drop(handle);
+        let deadline = soon(60_000);
+        while !gate.slots[0].gone.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "the thread of a dropped handle lives on"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]

@@ -120,7 +120,8 @@ pub struct Vm {
     index: usize,
     shared: Arc<VmShared>,
     // Field order is drop order: vCPU threads go first (Drop stops them), then the VM fd, then
-    // guest RAM (which the merge thread may still hold a reference to).
+    // guest RAM (unmapped when the last reference goes: vCPU threads and the merge thread hold
+    // one too).
     control: Arc<VmControl>,
     _vm_fd: VmFd,
     ram: Arc<GuestRam>,
@@ -608,6 +609,11 @@ mod tests {
         let (control, release) = fake_vm("unit", 2, 1, &ram);
         let control = Arc::new(control);
         control.resume().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !control.gate.is_inside(0) {
+            assert!(Instant::now() < deadline, "the stuck vCPU never entered");
+            std::thread::yield_now();
+        }
         // A hold cannot get the stuck vCPU out: it fails, and is released.
         let err = control.with_paused(|| ()).err().unwrap();
         assert!(
