@@ -22,6 +22,12 @@
 //!   a newer one: a late acknowledgement of an earlier command, after that wait timed out, can
 //!   never be taken for a later command's.
 //!
+//! **Short holds on a busy host.** Where the process may (CAP_SYS_NICE), the holder of a short
+//! hold runs at the lowest real-time priority ([`RtBoost`]), and a vCPU still inside
+//! [`FIRST_RESEND`] after its kick (preempted inside KVM_RUN: on a busy host it would wait whole
+//! time slices for a CPU before it can leave) is boosted the same way until it is out. So a hold
+//! lasts as long as its work, not as long as the scheduler's queue.
+//!
 //! **A kick** is the real-time signal [`kick_signal`] sent to a vCPU thread. Its handler sets
 //! `immediate_exit` in that thread's own `kvm_run` (a thread-local pointer, set while the thread
 //! owns its VcpuFd and cleared by a drop guard, also when the thread unwinds), so a vCPU inside
@@ -67,6 +73,8 @@ use crate::vm::VmShared;
 const IDLE_SLICE: Duration = Duration::from_millis(10);
 /// How often a kick is sent again while a hold or an acknowledgement is awaited.
 pub const KICK_RESEND: Duration = Duration::from_millis(2);
+/// When a hold first sends a kick again (and treats the vCPUs still inside as stragglers).
+pub const FIRST_RESEND: Duration = Duration::from_micros(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -212,6 +220,75 @@ impl Drop for KickTarget {
     }
 }
 
+/// A thread moved to SCHED_FIFO at the lowest real-time priority, put back when this drops.
+///
+/// Short holds use it twice: the holder runs boosted, so that on a busy host the other runnable
+/// threads cannot preempt it inside a hold, and a vCPU that has not left the guest soon after its
+/// kick (it was preempted inside KVM_RUN, and on a busy host would wait whole time slices for a
+/// CPU) is boosted until it has left, so that it runs at once. It needs CAP_SYS_NICE (or an
+/// RLIMIT_RTPRIO); without it nothing changes, and the log says so once.
+pub struct RtBoost {
+    tid: libc::pid_t,
+    policy: libc::c_int,
+    param: libc::sched_param,
+}
+
+static RT_REFUSED: AtomicBool = AtomicBool::new(false);
+
+impl RtBoost {
+    /// Boosts thread `tid` (of this process); None when not permitted, already real-time, or
+    /// the thread is gone.
+    pub fn thread(tid: libc::pid_t) -> Option<RtBoost> {
+        if tid <= 0 || RT_REFUSED.load(Ordering::Relaxed) {
+            return None;
+        }
+        // SAFETY: queries a thread's scheduling policy; no memory is passed.
+        let policy = unsafe { libc::sched_getscheduler(tid) };
+        if policy < 0 || policy == libc::SCHED_FIFO || policy == libc::SCHED_RR {
+            return None;
+        }
+        let mut param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: a valid out pointer for the thread's parameters.
+        if unsafe { libc::sched_getparam(tid, &mut param) } != 0 {
+            return None;
+        }
+        let rt = libc::sched_param { sched_priority: 1 };
+        // SAFETY: changes only the scheduling policy of a thread of this process.
+        if unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &rt) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EPERM) && !RT_REFUSED.swap(true, Ordering::Relaxed) {
+                log::info!(
+                    "short holds run at normal priority ({e}): on a busy host they last as long \
+                     as the scheduler makes them"
+                );
+            }
+            return None;
+        }
+        Some(RtBoost { tid, policy, param })
+    }
+
+    /// Boosts the calling thread.
+    pub fn this_thread() -> Option<RtBoost> {
+        // SAFETY: gettid has no preconditions.
+        RtBoost::thread(unsafe { libc::gettid() })
+    }
+}
+
+impl Drop for RtBoost {
+    fn drop(&mut self) {
+        // SAFETY: restores the policy read in `thread`; ESRCH (the thread has ended) is fine.
+        if unsafe { libc::sched_setscheduler(self.tid, self.policy, &self.param) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                log::warn!(
+                    "cannot restore the scheduling policy of thread {}: {e}",
+                    self.tid
+                );
+            }
+        }
+    }
+}
+
 /// One vCPU's part of the gate.
 #[derive(Default)]
 struct Slot {
@@ -296,9 +373,21 @@ impl Gate {
     }
 
     /// Waits (a raised hold) until no vCPU is inside the guest, kicking those inside.
-    pub(crate) fn wait_out(&self, mut kick: impl FnMut(usize), timeout: Duration) -> Result<()> {
+    pub(crate) fn wait_out(&self, kick: impl FnMut(usize), timeout: Duration) -> Result<()> {
+        self.wait_out_with(kick, |_| {}, timeout)
+    }
+
+    /// As [`Gate::wait_out`]; `straggler(index)` is called once for each vCPU still inside
+    /// [`FIRST_RESEND`] after the first kick (it is then most likely preempted inside KVM_RUN).
+    pub(crate) fn wait_out_with(
+        &self,
+        mut kick: impl FnMut(usize),
+        mut straggler: impl FnMut(usize),
+        timeout: Duration,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut next_kick = Instant::now();
+        let mut round = 0u32;
         loop {
             let Some(index) = self.first_inside() else {
                 return Ok(());
@@ -308,10 +397,19 @@ impl Gate {
                 return Err(Error::NoHold { index, timeout });
             }
             if now >= next_kick {
-                (0..self.slots.len())
-                    .filter(|&i| self.slots[i].in_guest.load(Ordering::SeqCst))
-                    .for_each(&mut kick);
-                next_kick = now + KICK_RESEND;
+                for i in (0..self.slots.len()).filter(|&i| self.is_inside(i)) {
+                    if round == 1 {
+                        straggler(i);
+                    }
+                    kick(i);
+                }
+                next_kick = now
+                    + if round == 0 {
+                        FIRST_RESEND
+                    } else {
+                        KICK_RESEND
+                    };
+                round += 1;
             }
             let guard = self.lock();
             // Checked under the lock: `leave` notifies under it, so no wake-up is missed.
@@ -871,6 +969,13 @@ mod tests {
             .unwrap();
         assert!(matches!(err, Error::NoHold { index: 1, .. }), "{err}");
         assert!(kicks.load(Ordering::SeqCst) >= 2, "kicks were re-sent");
+        // A vCPU still inside after the first re-send is a straggler, reported once.
+        let mut stragglers = Vec::new();
+        gate.raise();
+        let err = gate.wait_out_with(|_| {}, |i| stragglers.push(i), Duration::from_millis(50));
+        gate.lower();
+        assert!(err.is_err());
+        assert_eq!(stragglers, vec![1]);
         // The failed hold did not stay raised: another vCPU enters without waiting.
         assert!(p0.enter());
         p0.leave();
@@ -979,6 +1084,33 @@ mod tests {
         );
         vcpu.join().unwrap();
         gate.lower();
+    }
+
+    #[test]
+    fn a_boost_is_undone() {
+        // SAFETY: sched_getscheduler reads a thread's policy; no memory is passed.
+        let policy = |tid| unsafe { libc::sched_getscheduler(tid) };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = stop_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let before = policy(tid);
+        {
+            let boost = RtBoost::thread(tid);
+            let want = if boost.is_some() {
+                libc::SCHED_FIFO
+            } else {
+                before
+            };
+            assert_eq!(policy(tid), want);
+        }
+        assert_eq!(policy(tid), before, "the boost was not undone");
+        drop(stop_tx);
+        other.join().unwrap();
     }
 
     #[test]

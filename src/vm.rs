@@ -428,7 +428,20 @@ impl VmControl {
         drop(inner);
         // Lowered on every way out, a panic in `f` included.
         let _release = Lower(&self.gate);
-        self.gate.wait_out(self.kick(), HOLD_TIMEOUT)?;
+        // vCPUs that stay inside after their kick are boosted until they are out (RtBoost).
+        let mut boosted = Vec::new();
+        let straggler = |i: usize| {
+            boosted.extend(
+                self.vcpus
+                    .get(i)
+                    .and_then(|v| vcpu::RtBoost::thread(v.tid())),
+            )
+        };
+        let out = self
+            .gate
+            .wait_out_with(self.kick(), straggler, HOLD_TIMEOUT);
+        drop(boosted);
+        out?;
         let value = f();
         drop(_release);
         Ok(Some((value, start.elapsed())))

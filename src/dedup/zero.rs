@@ -5,13 +5,13 @@
 //! Dropping a page is only safe while nothing can write it between the check and the drop, so a
 //! batch goes in two steps: a racy scan while the guest runs finds candidates (cheap, most pages
 //! fail at their first word); then the VM's vCPUs are held out of the guest (those inside KVM_RUN
-//! are kicked and waited for, the others are stopped at its door: [`crate::vcpu::Gate`]), each
-//! candidate is checked again, the zero ones are dropped, and the vCPUs go on. No device of a VM
+//! are kicked and waited for, the others are stopped at its door: the protocol is described in
+//! [`crate::vcpu`]), only the candidates are checked again, the zero ones are dropped, and the
+//! vCPUs go on. The scanner holds at real-time priority where permitted ([`vcpu::RtBoost`]). No device of a VM
 //! writes guest memory today (serial and i8042 only do port I/O, and KVM writes guest memory only
 //! inside KVM_RUN), so holding the vCPUs is enough; a DMA-capable device would have to be
 //! quiesced in the same window. Batches are small so that a hold stays well under a millisecond.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::memory::GuestRam;
@@ -173,7 +173,8 @@ unsafe fn scan_batch(
         ..PassReport::default()
     };
     if !candidates.is_empty() {
-        let boost = Boost::enter();
+        // Not preempted by a busy host's other threads while holding (none without privilege).
+        let boost = vcpu::RtBoost::this_thread();
         let paused = control.with_paused(|| {
             let mut dropped = 0u64;
             let mut run: Option<(usize, usize)> = None; // (first page, count) of zero pages
@@ -220,70 +221,6 @@ unsafe fn scan_batch(
     }
     report.took = began.elapsed();
     Ok(Some(report))
-}
-
-/// While alive, the calling thread runs as SCHED_FIFO at the lowest real-time priority, so that
-/// on a busy host the other runnable threads (other guests' vCPUs) cannot preempt it inside a
-/// hold: holds then last as long as their work, not as long as the scheduler's time slices.
-/// Needs CAP_SYS_NICE or an RLIMIT_RTPRIO; without it (or when already real-time) it does
-/// nothing, and says so once.
-struct Boost {
-    tid: libc::pid_t,
-    previous: Option<(libc::c_int, libc::sched_param)>,
-}
-
-static BOOST_REFUSED: AtomicBool = AtomicBool::new(false);
-
-impl Boost {
-    fn enter() -> Boost {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        let mut boost = Boost {
-            tid,
-            previous: None,
-        };
-        if BOOST_REFUSED.load(Ordering::Relaxed) {
-            return boost;
-        }
-        // SAFETY: queries the calling thread's own policy.
-        let policy = unsafe { libc::sched_getscheduler(tid) };
-        if policy < 0 || policy == libc::SCHED_FIFO || policy == libc::SCHED_RR {
-            return boost;
-        }
-        let mut previous = libc::sched_param { sched_priority: 0 };
-        // SAFETY: a valid out pointer for the calling thread's parameters.
-        if unsafe { libc::sched_getparam(tid, &mut previous) } != 0 {
-            return boost;
-        }
-        let rt = libc::sched_param { sched_priority: 1 };
-        // SAFETY: changes only the calling thread's scheduling policy.
-        if unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &rt) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if !BOOST_REFUSED.swap(true, Ordering::Relaxed) {
-                log::info!(
-                    "zero-page reclaim runs its holds at normal priority ({e}): on a busy host \
-                     they take as long as the scheduler makes them"
-                );
-            }
-            return boost;
-        }
-        boost.previous = Some((policy, previous));
-        boost
-    }
-}
-
-impl Drop for Boost {
-    fn drop(&mut self) {
-        if let Some((policy, param)) = self.previous.take() {
-            // SAFETY: restores the calling thread's own policy (the guard never leaves it).
-            if unsafe { libc::sched_setscheduler(self.tid, policy, &param) } != 0 {
-                log::warn!(
-                    "cannot restore the merge thread's scheduling policy: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-        }
-    }
 }
 
 /// Whether a page holds only zeros. Volatile reads: the guest may be writing it.
@@ -364,27 +301,6 @@ mod tests {
         assert_eq!(s.batch_pages(), MAX_BATCH_PAGES);
         s.adapt(TARGET_PAUSE * 1000, 1);
         assert_eq!(s.batch_pages(), MIN_BATCH_PAGES);
-    }
-
-    #[test]
-    fn a_boost_is_undone() {
-        std::thread::spawn(|| {
-            // SAFETY: gettid and sched_getscheduler on the calling thread have no preconditions.
-            let policy = || unsafe { libc::sched_getscheduler(libc::gettid()) };
-            let before = policy();
-            {
-                let boost = Boost::enter();
-                let want = if boost.previous.is_some() {
-                    libc::SCHED_FIFO
-                } else {
-                    before
-                };
-                assert_eq!(policy(), want);
-            }
-            assert_eq!(policy(), before);
-        })
-        .join()
-        .unwrap();
     }
 
     #[test]
