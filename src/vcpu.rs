@@ -46,10 +46,15 @@
 //! (and with it its VcpuFd, which keeps KVM's memslots alive) has ended; a detached thread that
 //! never ends keeps the mapping (leaked and logged), never a dangling memslot.
 //!
-//! **Lock order.** `VmControl`'s lifecycle lock, then the gate's lock; the gate's lock is a leaf
-//! (nothing else is taken and no kick is sent while it is held), and neither lock is held while
-//! waiting for vCPUs: stops, pauses and holds wait on the gate's condition variable with a
-//! deadline, so a slow or stuck vCPU never blocks another thread's lifecycle call behind a lock.
+//! Bounds: a short hold gives up after `vm::HOLD_TIMEOUT` (250 ms), a lifecycle pause or Start
+//! after `vm::ACK_TIMEOUT` (1 s); a stop waits for all vCPUs of a VM (or of a fleet) until one
+//! deadline (`Vm::finish_stop_by`).
+//!
+//! **Lock order.** `VmControl`'s lifecycle lock, then either the gate's lock or a handle's thread
+//! lock (taken to kick or join); those two are leaves (nothing else is taken and no kick is sent
+//! while the gate's lock is held). No lock is held while waiting for vCPUs: stops, pauses and
+//! holds wait on the gate's condition variable with a deadline, so a slow or stuck vCPU never
+//! blocks another thread's lifecycle call behind a lock.
 
 use std::cell::Cell;
 use std::fmt;
