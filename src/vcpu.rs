@@ -79,7 +79,7 @@ const IDLE_SLICE: Duration = Duration::from_millis(10);
 /// How often a kick is sent again while a hold or an acknowledgement is awaited.
 pub const KICK_RESEND: Duration = Duration::from_millis(2);
 /// When a hold first sends a kick again (and treats the vCPUs still inside as stragglers).
-pub const FIRST_RESEND: Duration = Duration::from_micros(200);
+pub const FIRST_RESEND: Duration = Duration::from_micros(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -28,7 +28,7 @@ pub const DEFAULT_BATCH_PAGES: usize = 64;
 const MIN_BATCH_PAGES: usize = 16;
 const MAX_BATCH_PAGES: usize = 4096;
 /// What one pause should cost the guest.
-pub const TARGET_PAUSE: Duration = Duration::from_micros(400);
+pub const TARGET_PAUSE: Duration = Duration::from_micros(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
