@@ -3,6 +3,7 @@
 
 use std::ffi::CString;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -44,8 +45,16 @@ pub enum Mergeable {
 }
 
 /// One VM's guest RAM. Owns the mapping; the `GuestMemoryMmap` views it through raw regions.
+///
+/// The view can be cloned (vm-memory's type is `Clone`), and a clone shares the view's regions.
+/// The mapping is unmapped only when no clone of the view is left when the `GuestRam` drops;
+/// otherwise it is leaked (and logged) rather than left dangling behind a clone. Every vCPU
+/// thread holds an `Arc<GuestRam>`, so the mapping also outlives every VcpuFd (and so KVM's
+/// memslots on it).
 pub struct GuestRam {
     mem: GuestMemoryMmap<()>,
+    /// The view's regions, to see at drop whether a clone of the view still uses them.
+    regions: Vec<Arc<GuestRegionMmap<()>>>,
     host: NonNull<u8>,
     len: usize,
     mergeable: Mergeable,
@@ -87,6 +96,7 @@ impl GuestRam {
         // From here on, Drop unmaps.
         let mut ram = GuestRam {
             mem: GuestMemoryMmap::default(),
+            regions: Vec::new(),
             host,
             len,
             mergeable: Mergeable::NotRequested,
@@ -100,17 +110,19 @@ impl GuestRam {
         if dedup == DedupMode::Full {
             ram.mergeable = ram.make_mergeable()?;
         }
-        ram.mem = ram.build_view(regions)?;
+        ram.regions = ram.build_view(regions)?;
+        ram.mem = GuestMemoryMmap::from_arc_regions(ram.regions.clone())
+            .map_err(|e| Error::Layout(e.to_string()))?;
         Ok(ram)
     }
 
-    fn build_view(&self, regions: &[(GuestAddress, u64)]) -> Result<GuestMemoryMmap<()>> {
+    fn build_view(&self, regions: &[(GuestAddress, u64)]) -> Result<Vec<Arc<GuestRegionMmap<()>>>> {
         let mut offset = 0usize;
         let mut views = Vec::with_capacity(regions.len());
         for &(guest, size) in regions {
             let size = size as usize;
             // SAFETY: [offset, offset + size) lies inside our mapping (sizes sum to `len`), which
-            // outlives `mem`: Drop replaces `mem` before unmapping.
+            // outlives every user of the region: Drop unmaps only when no one else holds it.
             let region = unsafe {
                 MmapRegion::build_raw(
                     self.host.as_ptr().add(offset),
@@ -120,13 +132,12 @@ impl GuestRam {
                 )
             }
             .map_err(|e| Error::Layout(e.to_string()))?;
-            views.push(
-                GuestRegionMmap::new(region, guest)
-                    .ok_or_else(|| Error::Layout(format!("region at {:#x} overflows", guest.0)))?,
-            );
+            views.push(Arc::new(GuestRegionMmap::new(region, guest).ok_or_else(
+                || Error::Layout(format!("region at {:#x} overflows", guest.0)),
+            )?));
             offset += size;
         }
-        GuestMemoryMmap::from_regions(views).map_err(|e| Error::Layout(e.to_string()))
+        Ok(views)
     }
 
     fn advise(&self, advice: libc::c_int, name: &'static str) -> Result<()> {
@@ -155,7 +166,8 @@ impl GuestRam {
         Ok(Mergeable::Yes)
     }
 
-    /// The vm-memory view used by loaders, devices and KVM memslots.
+    /// The vm-memory view used by loaders, devices and KVM memslots. Keep borrows; a clone
+    /// that outlives this `GuestRam` makes the mapping leak instead of being unmapped.
     pub fn memory(&self) -> &GuestMemoryMmap<()> {
         &self.mem
     }
@@ -172,9 +184,19 @@ impl GuestRam {
 
 impl Drop for GuestRam {
     fn drop(&mut self) {
-        // Drop the raw views first; they do not own the mapping.
+        // Drop our view first; its regions do not own the mapping.
         self.mem = GuestMemoryMmap::default();
-        // SAFETY: we created this mapping in `new` and nothing references it any more.
+        if self.regions.iter().any(|r| Arc::strong_count(r) > 1) {
+            log::error!(
+                "guest RAM at {:#x} is still used by a copy of its memory view; leaving {} mapped",
+                self.host.as_ptr() as usize,
+                format_size(self.len as u64)
+            );
+            return;
+        }
+        self.regions.clear();
+        // SAFETY: we created this mapping in `new`, and no view of it is left (checked above:
+        // regions cannot be cloned out of a view, only the view itself, which shares them).
         unsafe { libc::munmap(self.host.as_ptr().cast(), self.len) };
     }
 }
@@ -246,7 +268,7 @@ pub fn vma_flags(smaps: &str, addr: u64) -> Option<Vec<String>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend};
 
@@ -293,6 +315,50 @@ VmFlags: rd wr mr mw me ac
         assert!(
             mem.read_obj::<u8>(GuestAddress(4 << 20)).is_err(),
             "gap must be unmapped"
+        );
+    }
+
+    /// Whether guest RAM named `name` (see [`name_mapping`]) and containing `addr` is mapped.
+    /// By name where the kernel names mappings, so that an unrelated mapping made at the same
+    /// address by a test running in parallel does not count.
+    pub fn mapped(name: &str, addr: u64) -> bool {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let named = maps.contains("[anon:kvmerge-");
+        maps.lines().any(|l| {
+            let range = l.split_whitespace().next().unwrap_or("");
+            let (lo, hi) = range.split_once('-').unwrap_or(("0", "0"));
+            let (lo, hi) = (
+                u64::from_str_radix(lo, 16).unwrap_or(0),
+                u64::from_str_radix(hi, 16).unwrap_or(0),
+            );
+            (lo..hi).contains(&addr) && (!named || l.ends_with(&format!("[anon:kvmerge-{name}]")))
+        })
+    }
+
+    #[test]
+    fn a_clone_of_the_view_keeps_guest_ram_mapped() {
+        let ram =
+            GuestRam::new("unit-clone", &[(GuestAddress(0), 2 << 20)], DedupMode::Off).unwrap();
+        ram.memory()
+            .write_obj(0x5a5a_u16, GuestAddress(0x1000))
+            .unwrap();
+        let addr = ram.host_range().0;
+        let copy = ram.memory().clone();
+        drop(ram);
+        assert!(
+            mapped("unit-clone", addr),
+            "unmapped under a live copy of the view"
+        );
+        assert_eq!(copy.read_obj::<u16>(GuestAddress(0x1000)).unwrap(), 0x5a5a);
+        drop(copy);
+        // Without a copy the mapping goes.
+        let ram =
+            GuestRam::new("unit-unmap", &[(GuestAddress(0), 2 << 20)], DedupMode::Off).unwrap();
+        let addr = ram.host_range().0;
+        drop(ram);
+        assert!(
+            !mapped("unit-unmap", addr),
+            "guest RAM stayed mapped with no user left"
         );
     }
 

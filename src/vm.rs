@@ -19,8 +19,12 @@ use crate::loader::{self, InitrdImage, KernelImage};
 use crate::memory::{self, GuestRam};
 use crate::vcpu::{self, Command, Gate, State, VcpuHandle, VmEnd};
 
-/// How long a vCPU may take to acknowledge a command before the VMM gives up on it.
+/// How long a vCPU may take to acknowledge a command, or to leave the guest for a pause, before
+/// the VMM gives up on it. Also the whole VM's budget in `finish_stop`.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a short hold ([`VmControl::with_paused`]) waits for vCPUs to leave the guest before
+/// it gives up (its work is skipped, not failed).
+pub const HOLD_TIMEOUT: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -116,7 +120,8 @@ pub struct Vm {
     index: usize,
     shared: Arc<VmShared>,
     // Field order is drop order: vCPU threads go first (Drop stops them), then the VM fd, then
-    // guest RAM (which the merge thread may still hold a reference to).
+    // guest RAM (unmapped when the last reference goes: vCPU threads and the merge thread hold
+    // one too).
     control: Arc<VmControl>,
     _vm_fd: VmFd,
     ram: Arc<GuestRam>,
@@ -201,7 +206,13 @@ impl Vm {
                 kernel.entry,
                 kernel.mode,
             )?;
-            vcpus.push(VcpuHandle::spawn(fd, i, shared.clone(), gate.clone())?);
+            vcpus.push(VcpuHandle::spawn(
+                fd,
+                i,
+                shared.clone(),
+                ram.clone(),
+                gate.clone(),
+            )?);
         }
         if kernel.mode == EntryMode::Payload {
             log::debug!(
@@ -275,9 +286,16 @@ impl Vm {
         self.control.request_stop();
     }
 
-    /// Waits (bounded) for the vCPU threads to exit, joins them and flushes the console.
+    /// Waits (bounded by [`ACK_TIMEOUT`]) for the vCPU threads to exit, joins them and flushes
+    /// the console.
     pub fn finish_stop(&self) {
-        if self.control.finish_stop() {
+        self.finish_stop_by(Instant::now() + ACK_TIMEOUT);
+    }
+
+    /// As [`Vm::finish_stop`], waiting at most until `deadline` for all vCPUs together: stopping
+    /// many VMs is `request_stop` on each, then `finish_stop_by` on each with one deadline.
+    pub fn finish_stop_by(&self, deadline: Instant) {
+        if self.control.finish_stop_by(deadline) {
             self.shared.devices().finish_console();
         }
     }
@@ -290,30 +308,36 @@ impl Drop for Vm {
     }
 }
 
-/// A VM's vCPU threads and lifecycle, shared between the control loop (start, stop) and the merge
-/// thread (holds around zero-page reclaim). One lock orders every command and hold: each command
-/// is posted to all vCPUs and acknowledged by all before the next one is posted; a hold goes
-/// through the VM's [`Gate`] and needs no acknowledgement from vCPUs outside the guest.
+/// A VM's vCPU threads and lifecycle, shared between the control loop (start, pause, stop) and
+/// the merge thread (short holds around zero-page reclaim). Every pause is a hold on the VM's
+/// [`Gate`] and every command is numbered and acknowledged (the protocol: [`crate::vcpu`]). The
+/// lifecycle lock is held only to check and change the state, never while waiting for vCPUs.
 pub struct VmControl {
     name: String,
-    inner: Mutex<ControlInner>,
     gate: Arc<Gate>,
+    vcpus: Vec<VcpuHandle>,
+    inner: Mutex<ControlInner>,
 }
 
 struct ControlInner {
-    vcpus: Vec<VcpuHandle>,
     state: Lifecycle,
+    /// Numbers of the Exit commands posted by `request_stop`, per vCPU.
+    exits: Vec<u64>,
+    /// A `finish_stop` is collecting the threads.
+    collecting: bool,
 }
 
 impl VmControl {
     fn new(name: String, vcpus: Vec<VcpuHandle>, gate: Arc<Gate>) -> VmControl {
         VmControl {
             name,
-            inner: Mutex::new(ControlInner {
-                vcpus,
-                state: Lifecycle::Created,
-            }),
             gate,
+            vcpus,
+            inner: Mutex::new(ControlInner {
+                state: Lifecycle::Created,
+                exits: Vec::new(),
+                collecting: false,
+            }),
         }
     }
 
@@ -326,111 +350,158 @@ impl VmControl {
     }
 
     pub fn vcpu_tids(&self) -> Vec<i32> {
-        self.lock().vcpus.iter().map(VcpuHandle::tid).collect()
+        self.vcpus.iter().map(VcpuHandle::tid).collect()
     }
 
+    fn kick(&self) -> impl FnMut(usize) + '_ {
+        |i| {
+            if let Some(vcpu) = self.vcpus.get(i) {
+                vcpu.kick();
+            }
+        }
+    }
+
+    /// Created → Running (every vCPU thread acknowledges Start), or Paused → Running (the
+    /// lifecycle hold is lowered).
     pub fn resume(&self) -> Result<()> {
         let mut inner = self.lock();
-        inner.transition(
-            "start",
-            &[Lifecycle::Created, Lifecycle::Paused],
-            Command::Run,
-        )?;
-        inner.state = Lifecycle::Running;
-        Ok(())
+        match inner.state {
+            Lifecycle::Paused => {
+                inner.state = Lifecycle::Running;
+                self.gate.lower();
+                Ok(())
+            }
+            Lifecycle::Created => {
+                let seqs: Vec<u64> = self.vcpus.iter().map(|v| v.post(Command::Start)).collect();
+                inner.state = Lifecycle::Running;
+                drop(inner);
+                let deadline = Instant::now() + ACK_TIMEOUT;
+                for (vcpu, seq) in self.vcpus.iter().zip(seqs) {
+                    vcpu.wait_ack(Command::Start, seq, deadline)?;
+                }
+                Ok(())
+            }
+            state => Err(Error::Transition {
+                action: "start",
+                state,
+            }),
+        }
     }
 
+    /// Running → Paused: every vCPU is out of the guest when this returns Ok, and stays out
+    /// until `resume`. On error (a vCPU did not leave the guest) the VM is running again.
     pub fn pause(&self) -> Result<()> {
         let mut inner = self.lock();
-        inner.transition("pause", &[Lifecycle::Running], Command::Pause)?;
+        if inner.state != Lifecycle::Running {
+            return Err(Error::Transition {
+                action: "pause",
+                state: inner.state,
+            });
+        }
+        self.gate.raise();
         inner.state = Lifecycle::Paused;
+        drop(inner);
+        if let Err(e) = self.gate.wait_out(self.kick(), ACK_TIMEOUT) {
+            let mut inner = self.lock();
+            // Unless someone else has moved the VM on meanwhile (resumed it, or stopped it).
+            if inner.state == Lifecycle::Paused {
+                inner.state = Lifecycle::Running;
+                self.gate.lower();
+            }
+            return Err(e.into());
+        }
         Ok(())
     }
 
     /// Runs `f` while no vCPU of a running VM is inside the guest, then lets them run again.
     /// Returns `f`'s result and how long the vCPUs were held (from the request to the release, so
     /// including the wait for vCPUs to leave the guest), or None when the VM is not running (not
-    /// started yet, paused by someone else, or stopping).
+    /// started yet, paused, or stopping). Fails when a vCPU did not leave within
+    /// [`HOLD_TIMEOUT`] (`f` is not run then).
     pub fn with_paused<T>(&self, f: impl FnOnce() -> T) -> Result<Option<(T, Duration)>> {
         let inner = self.lock();
         if inner.state != Lifecycle::Running {
             return Ok(None);
         }
         let start = Instant::now();
-        let held = self.gate.hold(
-            |i| inner.vcpus.get(i).map_or((), VcpuHandle::kick),
-            ACK_TIMEOUT,
-        )?;
+        self.gate.raise();
+        drop(inner);
+        // Lowered on every way out, a panic in `f` included.
+        let _release = Lower(&self.gate);
+        // vCPUs that stay inside after their kick are boosted until they are out (RtBoost).
+        let mut boosted = Vec::new();
+        let straggler = |i: usize| {
+            boosted.extend(
+                self.vcpus
+                    .get(i)
+                    .and_then(|v| vcpu::RtBoost::thread(v.tid())),
+            )
+        };
+        let out = self
+            .gate
+            .wait_out_with(self.kick(), straggler, HOLD_TIMEOUT);
+        drop(boosted);
+        out?;
         let value = f();
-        drop(held);
+        drop(_release);
         Ok(Some((value, start.elapsed())))
     }
 
     /// Asks every vCPU thread to exit without waiting for them.
     pub fn request_stop(&self) {
         let mut inner = self.lock();
+        self.post_exit(&mut inner);
+    }
+
+    fn post_exit(&self, inner: &mut ControlInner) {
         if matches!(inner.state, Lifecycle::Stopping | Lifecycle::Stopped) {
             return;
         }
-        for vcpu in &inner.vcpus {
-            vcpu.post(Command::Exit);
-        }
+        inner.exits = self.vcpus.iter().map(|v| v.post(Command::Exit)).collect();
         inner.state = Lifecycle::Stopping;
     }
 
-    /// Collects the vCPU threads after `request_stop` (bounded wait per thread). Returns whether
-    /// this call stopped the VM (false when it already was stopped).
-    pub fn finish_stop(&self) -> bool {
+    /// Collects the vCPU threads after `request_stop`, waiting for all of them at most until
+    /// `deadline` (without holding the lifecycle lock); a thread that has not acknowledged
+    /// its exit by then is left behind, detached. Returns whether this call stopped the VM
+    /// (false when it already was stopped, or another call is collecting).
+    pub fn finish_stop_by(&self, deadline: Instant) -> bool {
         let mut inner = self.lock();
-        match inner.state {
-            Lifecycle::Stopped => return false,
-            Lifecycle::Stopping => {}
-            _ => {
-                for vcpu in &inner.vcpus {
-                    vcpu.post(Command::Exit);
-                }
-            }
+        if inner.state == Lifecycle::Stopped || inner.collecting {
+            return false;
         }
-        for vcpu in inner.vcpus.drain(..) {
-            let acked = loop {
-                match vcpu.wait_ack(Command::Exit, ACK_TIMEOUT) {
-                    Ok(State::Exited) => break true,
-                    // Acks of earlier commands still in flight.
-                    Ok(_) => continue,
-                    Err(e) => {
-                        log::error!("{}: {e}", self.name);
-                        break false;
-                    }
+        self.post_exit(&mut inner);
+        inner.collecting = true;
+        let exits = inner.exits.clone();
+        drop(inner);
+        for (vcpu, seq) in self.vcpus.iter().zip(exits) {
+            let acked = match vcpu.wait_ack(Command::Exit, seq, deadline) {
+                Ok(state) => state == State::Exited,
+                Err(e) => {
+                    log::error!("{}: {e}", self.name);
+                    false
                 }
             };
             vcpu.join(acked);
         }
+        let mut inner = self.lock();
         inner.state = Lifecycle::Stopped;
+        inner.collecting = false;
         true
+    }
+
+    /// [`VmControl::finish_stop_by`] with [`ACK_TIMEOUT`] from now.
+    pub fn finish_stop(&self) -> bool {
+        self.finish_stop_by(Instant::now() + ACK_TIMEOUT)
     }
 }
 
-impl ControlInner {
-    /// Posts `command` to every vCPU, then waits for every acknowledgement.
-    fn transition(
-        &mut self,
-        action: &'static str,
-        from: &[Lifecycle],
-        command: Command,
-    ) -> Result<()> {
-        if !from.contains(&self.state) {
-            return Err(Error::Transition {
-                action,
-                state: self.state,
-            });
-        }
-        for vcpu in &self.vcpus {
-            vcpu.post(command);
-        }
-        for vcpu in &self.vcpus {
-            vcpu.wait_ack(command, ACK_TIMEOUT)?;
-        }
-        Ok(())
+/// Lowers a raised hold when dropped.
+struct Lower<'a>(&'a Gate);
+
+impl Drop for Lower<'_> {
+    fn drop(&mut self) {
+        self.0.lower();
     }
 }
 
@@ -472,4 +543,182 @@ fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DedupMode;
+    use crate::memory::tests::mapped;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::{self, Receiver, Sender};
+    use vm_memory::GuestAddress;
+
+    /// A fake vCPU thread: acknowledges Start and Exit; with `stuck`, it enters the guest after
+    /// Start and stays there, deaf to kicks, until `stuck` says otherwise (a long exit).
+    fn fake_vcpu(
+        gate: &Arc<Gate>,
+        index: u8,
+        stuck: Option<Receiver<()>>,
+        ram: Option<Arc<GuestRam>>,
+    ) -> VcpuHandle {
+        VcpuHandle::spawn_with(
+            format!("fake-vcpu{index}"),
+            index,
+            gate.clone(),
+            move |mut port| {
+                let _ram = ram;
+                loop {
+                    match port.next_command() {
+                        Some(Command::Start) => {
+                            port.ack(State::Running);
+                            if let Some(stuck) = &stuck {
+                                assert!(port.enter());
+                                let _ = stuck.recv();
+                                port.leave();
+                            }
+                        }
+                        Some(Command::Exit) => {
+                            port.ack(State::Exited);
+                            return;
+                        }
+                        None => port.wait_command(None),
+                    }
+                }
+            },
+        )
+        .unwrap()
+    }
+
+    /// A VM of fake vCPUs; `stuck` of them stay in the guest until their sender says so.
+    fn fake_vm(
+        name: &str,
+        vcpus: u8,
+        stuck: u8,
+        ram: &Arc<GuestRam>,
+    ) -> (VmControl, Vec<Sender<()>>) {
+        let gate = Arc::new(Gate::new(usize::from(vcpus)));
+        let mut release = Vec::new();
+        let handles = (0..vcpus)
+            .map(|i| {
+                let stuck = (i < stuck).then(|| {
+                    let (tx, rx) = mpsc::channel();
+                    release.push(tx);
+                    rx
+                });
+                fake_vcpu(&gate, i, stuck, Some(ram.clone()))
+            })
+            .collect();
+        (VmControl::new(name.into(), handles, gate), release)
+    }
+
+    fn small_ram(name: &str) -> Arc<GuestRam> {
+        Arc::new(GuestRam::new(name, &[(GuestAddress(0), 1 << 20)], DedupMode::Off).unwrap())
+    }
+
+    #[test]
+    fn a_stuck_vcpu_fails_holds_cleanly_and_stops_do_not_hold_the_lock() {
+        let ram = small_ram("unit-stuck-lock");
+        let (control, release) = fake_vm("unit", 2, 1, &ram);
+        let control = Arc::new(control);
+        control.resume().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !control.gate.is_inside(0) {
+            assert!(Instant::now() < deadline, "the stuck vCPU never entered");
+            std::thread::yield_now();
+        }
+        // A hold cannot get the stuck vCPU out: it fails, and is released.
+        let err = control.with_paused(|| ()).err().unwrap();
+        assert!(
+            matches!(err, Error::Vcpu(vcpu::Error::NoHold { index: 0, .. })),
+            "{err}"
+        );
+        assert_eq!(control.state(), Lifecycle::Running);
+        assert_eq!(control.gate.holds.load(Ordering::SeqCst), 0);
+        // A stop waits for it (long deadline) without holding the lifecycle lock.
+        let done = Arc::new(AtomicBool::new(false));
+        let stopper = {
+            let (control, done) = (control.clone(), done.clone());
+            std::thread::spawn(move || {
+                let stopped = control.finish_stop_by(Instant::now() + Duration::from_secs(120));
+                done.store(true, Ordering::SeqCst);
+                stopped
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while control.state() != Lifecycle::Stopping {
+            assert!(Instant::now() < deadline, "the stop never started");
+            std::thread::yield_now();
+        }
+        // These would block behind the stop (until its deadline) if it held the lock.
+        assert!(control.with_paused(|| ()).unwrap().is_none());
+        assert_eq!(control.state(), Lifecycle::Stopping);
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "the stop ended before the vCPU left"
+        );
+        assert!(
+            !control.finish_stop(),
+            "a second stop does not collect again"
+        );
+        // The long exit ends; the vCPU sees its Exit and the stop completes.
+        release[0].send(()).unwrap();
+        assert!(stopper.join().unwrap());
+        assert_eq!(control.state(), Lifecycle::Stopped);
+    }
+
+    #[test]
+    fn a_vcpu_that_does_not_exit_is_left_behind_with_its_memory_mapped() {
+        let ram = small_ram("unit-stuck-ram");
+        let addr = ram.host_range().0;
+        let (control, release) = fake_vm("unit", 4, 4, &ram);
+        control.resume().unwrap();
+        drop(ram);
+        // One deadline for all four vCPUs, not one per vCPU.
+        let start = Instant::now();
+        assert!(control.finish_stop_by(Instant::now() + Duration::from_millis(500)));
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "took {took:?}: a deadline per vCPU"
+        );
+        assert_eq!(control.state(), Lifecycle::Stopped);
+        // The stuck threads live on, detached, and keep guest RAM mapped.
+        assert!(mapped("unit-stuck-ram", addr));
+        drop(control);
+        assert!(mapped("unit-stuck-ram", addr));
+        // When the last of them ends, the mapping goes.
+        drop(release);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while mapped("unit-stuck-ram", addr) {
+            assert!(Instant::now() < deadline, "guest RAM never unmapped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn lifecycle_pause_is_a_hold() {
+        let ram = small_ram("unit-pause");
+        let (control, _release) = fake_vm("unit", 2, 0, &ram);
+        assert!(matches!(
+            control.pause(),
+            Err(Error::Transition {
+                action: "pause",
+                state: Lifecycle::Created
+            })
+        ));
+        control.resume().unwrap();
+        control.pause().unwrap();
+        assert_eq!(control.gate.holds.load(Ordering::SeqCst), 1);
+        assert!(control.with_paused(|| ()).unwrap().is_none());
+        control.resume().unwrap();
+        assert_eq!(control.gate.holds.load(Ordering::SeqCst), 0);
+        let (v, _) = control.with_paused(|| 7).unwrap().unwrap();
+        assert_eq!(v, 7);
+        assert_eq!(control.gate.holds.load(Ordering::SeqCst), 0);
+        // Stopping a paused VM: the Exit commands reach vCPUs waiting at the gate.
+        control.pause().unwrap();
+        assert!(control.finish_stop());
+        assert_eq!(control.state(), Lifecycle::Stopped);
+    }
 }

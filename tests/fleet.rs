@@ -131,6 +131,74 @@ fn lifecycle_transitions_are_checked() {
     assert!(matches!(vm.resume(), Err(vm::Error::Transition { .. })));
 }
 
+/// CPU time of one of this process's threads, from /proc (schedstat, ns).
+fn thread_cpu(tid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap();
+    Duration::from_nanos(stat.split_whitespace().next().unwrap().parse().unwrap())
+}
+
+/// Waits (generously bounded) until the vCPU thread has run `more` CPU time past `from`.
+fn wait_for_cpu(tid: i32, from: Duration, more: Duration) -> Duration {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = thread_cpu(tid);
+        if now >= from + more {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the vCPU did not run: {now:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn pause_holds_a_busy_guest_and_resume_lets_it_go_on() {
+    if !kvm_available() {
+        return;
+    }
+    let host = Host::open().unwrap();
+    let kernel = KernelImage::open(&payload()).unwrap();
+    let notify = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let sources = BootSources {
+        kernel: &kernel,
+        initrd: None,
+    };
+    let io = VmIo {
+        console: ConsoleSink::new(Output::Discard, None),
+        input_drained: notify.clone(),
+        notify,
+    };
+    // Rewrites its memory without a pause: always inside the guest.
+    let cfg = payload_vm("fill=4 then=churn:16383:0");
+    let vm = Vm::build(&host, 0, &cfg, &sources, io).unwrap();
+    vm.resume().unwrap();
+    let tid = vm.vcpu_tids()[0];
+    let mut cpu = wait_for_cpu(tid, Duration::ZERO, Duration::from_millis(20));
+    for round in 0..5 {
+        vm.pause().unwrap();
+        assert_eq!(vm.state(), Lifecycle::Paused);
+        // While paused the vCPU thread waits at the gate: it uses no CPU, and short holds are
+        // refused (the VM is not running).
+        let paused_at = thread_cpu(tid);
+        assert!(vm.control().with_paused(|| ()).unwrap().is_none());
+        std::thread::sleep(Duration::from_millis(100));
+        let used = thread_cpu(tid) - paused_at;
+        assert!(
+            used < Duration::from_millis(5),
+            "round {round}: the paused vCPU ran for {used:?}"
+        );
+        vm.resume().unwrap();
+        cpu = wait_for_cpu(tid, cpu.max(paused_at), Duration::from_millis(10));
+    }
+    assert!(vm.outcome().is_none(), "the guest is still churning");
+    // Stopping a paused VM does not wait for a timeout: Exit reaches the vCPU at the gate.
+    vm.pause().unwrap();
+    let t = Instant::now();
+    vm.request_stop();
+    vm.finish_stop();
+    assert_eq!(vm.state(), Lifecycle::Stopped);
+    assert!(t.elapsed() < vm::ACK_TIMEOUT, "stop took {:?}", t.elapsed());
+}
+
 #[test]
 fn pvm_refuses_linux_kernels_plainly() {
     if !kvm_available() {

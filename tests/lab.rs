@@ -187,3 +187,110 @@ fn scenario_that_never_ends_hits_the_timeout() {
     assert!(out.stderr.contains("timed out"), "{}", out.dump());
     assert_no_qemu_left(&out);
 }
+
+/// scripts/kvm-lab with a stand-in `qemu-system-x86_64` first in PATH that reports `version`.
+fn lab_with_qemu_version(version: &str, allow_old: bool, args: &[&str]) -> Outcome {
+    let bin = TempDir::new("fake-qemu");
+    let fake = bin.path().join("qemu-system-x86_64");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\necho 'QEMU emulator version {version} (stand-in)'\n"),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new(repo_root().join("scripts/kvm-lab"));
+    cmd.env("PATH", path)
+        .env_remove("KVM_LAB_ALLOW_OLD_QEMU")
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    if allow_old {
+        cmd.env("KVM_LAB_ALLOW_OLD_QEMU", "1");
+    }
+    run_with_limit(cmd, Duration::from_secs(60))
+}
+
+#[test]
+fn an_outer_qemu_older_than_10_is_refused() {
+    // Needs nothing but bash: the version check comes before every other one.
+    let out = lab_with_qemu_version("7.2.22", false, &["--check"]);
+    assert_eq!(out.code(), Some(2), "{}", out.dump());
+    assert!(
+        out.stderr.contains("outer QEMU 7.2.22 is too old")
+            && out.stderr.contains("QEMU >= 10")
+            && out.stderr.contains("scripts/install-deps"),
+        "{}",
+        out.dump()
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.dump());
+    // KVM_LAB_ALLOW_OLD_QEMU=1 only warns; the missing images directory then stops the check.
+    let args = ["--check", "--images", "/nonexistent/kvmerge-images"];
+    let out = lab_with_qemu_version("7.2.22", true, &args);
+    assert_eq!(out.code(), Some(2), "{}", out.dump());
+    assert!(
+        out.stderr
+            .contains("warning: outer QEMU 7.2.22 is older than 10"),
+        "{}",
+        out.dump()
+    );
+    // QEMU 10 passes the version check and fails on the images, as the real one would.
+    let out = lab_with_qemu_version("10.0.2", false, &args);
+    assert_eq!(out.code(), Some(2), "{}", out.dump());
+    assert!(!out.stderr.contains("QEMU"), "{}", out.dump());
+}
+
+#[test]
+fn qemu_inside_the_lab_boots_from_real_firmware_files() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !lab_available() {
+        return;
+    }
+    let status = Command::new("make")
+        .arg("-C")
+        .arg(repo_root())
+        .args(["--no-print-directory", "linux-images"])
+        .status()
+        .expect("cannot run make");
+    assert!(status.success(), "building the Linux guest images failed");
+    let images = TempDir::new("lab-qemu");
+    for f in ["bzImage", "initramfs.cpio.gz"] {
+        std::fs::copy(
+            repo_root().join("guest-images/out").join(f),
+            images.path().join(f),
+        )
+        .unwrap();
+    }
+    // QEMU 10 from bookworm-backports keeps bios-microvm.bin in /usr/share/seabios: the lab must
+    // copy the file itself, and no link in L1 may dangle. Then microvm boots the tiny guest, which
+    // ends through isa-debug-exit (status (0 << 1) | 1 = 1).
+    let scenario = "find / -xdev -type l | while read -r l; do [ -e \"$l\" ] || echo \"DANGLING $l\"; done; \
+                    for f in /usr/share/qemu/*; do [ -L \"$f\" ] && echo \"LINK $f\"; done; \
+                    qemu-system-x86_64 -M microvm -accel kvm -cpu host -m 128 -smp 1 -nodefaults \
+                    -no-user-config -display none -serial stdio -no-reboot \
+                    -kernel /lab/images/bzImage -initrd /lab/images/initramfs.cpio.gz \
+                    -append 'console=ttyS0 reboot=k panic=-1 kvmerge.then=exit:0' \
+                    -device isa-debug-exit,iobase=0xf4,iosize=0x04; echo qemu-status=$?";
+    let out = lab(
+        &[
+            "--with-qemu",
+            "--timeout",
+            "400",
+            "--images",
+            images.path().to_str().unwrap(),
+            "--",
+            scenario,
+        ],
+        Duration::from_secs(480),
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    assert!(!out.stdout.contains("DANGLING "), "{}", out.dump());
+    assert!(!out.stdout.contains("LINK "), "{}", out.dump());
+    assert!(out.stdout.contains("GUEST-EXIT 0"), "{}", out.dump());
+    assert!(out.stdout.contains("qemu-status=1"), "{}", out.dump());
+    assert_no_qemu_left(&out);
+}

@@ -2,11 +2,11 @@
 //! directly on hardware KVM and inside the nested real-KVM lab on kvm_pvm hosts (scripts/linux-run
 //! decides). Every failure prints the whole console.
 //!
-//! The lab (QEMU TCG emulating SVM) itself crashes or hangs some L2 guests when several run at
-//! once, with QEMU microvm as the L2 VMM as much as with kvmerge (docs/lab.md, "Concurrent
-//! guests"), and now and then L1 dies. So the four-guest test runs on hardware KVM only, and a lab
-//! run that ends in one of those ways runs again, up to [`LAB_ATTEMPTS`] times, printing each
-//! discarded attempt; on hardware KVM every run counts.
+//! The lab (QEMU TCG emulating SVM) itself now and then crashes or hangs an L2 guest, more often
+//! when several boot at once, with QEMU microvm as the L2 VMM as much as with kvmerge, and rarely
+//! L1 dies (docs/lab.md, "Concurrent guests"; far rarer with QEMU 10 as the outer QEMU, which
+//! scripts/kvm-lab requires). So a lab run that ends in one of those ways runs again, up to
+//! [`LAB_ATTEMPTS`] times, printing each discarded attempt; on hardware KVM every run counts.
 
 mod common;
 
@@ -37,7 +37,7 @@ fn linux_images() -> bool {
 
 /// Whether Linux guests can run here, directly or through the lab; prints why not.
 fn linux_available() -> bool {
-    if hardware_kvm() {
+    if !via_lab() {
         return true;
     }
     let check = Command::new(repo_root().join("scripts/kvm-lab"))
@@ -221,17 +221,8 @@ fn hardware_kvm() -> bool {
 
 #[test]
 fn four_guests_in_one_process() {
-    // The lab loses a quarter or more of such rounds under QEMU microvm too (docs/lab.md,
-    // "Concurrent guests"), so there this test would measure the lab, not kvmerge. It runs on
-    // hardware KVM; KVMERGE_LAB_CONCURRENT=1 runs it in the lab anyway.
-    if via_lab() && std::env::var("KVMERGE_LAB_CONCURRENT").as_deref() != Ok("1") {
-        eprintln!(
-            "SKIPPED: four concurrent Linux guests run on hardware KVM only; the nested lab loses \
-             some whatever the VMM (docs/lab.md, \"Concurrent guests\"; scripts/lab-stress \
-             measures it; KVMERGE_LAB_CONCURRENT=1 runs this test there anyway)"
-        );
-        return;
-    }
+    // In the lab (QEMU 10 as the outer QEMU) a round of four loses a guest rarely (docs/lab.md,
+    // "Concurrent guests"); such a round is run again, like any lab fault.
     let Some(out) = tiny("bzImage", &["--count", "4"], "kvmerge.then=exit:0") else {
         return;
     };
@@ -247,7 +238,9 @@ fn four_guests_in_one_process() {
 
 #[test]
 fn idle_guest_is_ended_by_timeout() {
-    let Some(out) = tiny("bzImage", &["--timeout", "20s"], "kvmerge.then=idle") else {
+    // The guest must be ready before the timeout ends it; on a loaded host a lab guest can take
+    // a minute or more to boot (a guest not ready by then is a lab fault and runs again).
+    let Some(out) = tiny("bzImage", &["--timeout", "90s"], "kvmerge.then=idle") else {
         return;
     };
     assert!(console_has(&out, "GUEST-READY"), "{}", out.dump());
