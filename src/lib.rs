@@ -15,6 +15,7 @@ pub mod kvm;
 pub mod loader;
 pub mod memory;
 pub mod runner;
+pub mod sync;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;

@@ -19,16 +19,7 @@ fn main() -> ExitCode {
     // Host KSM knobs kvmerge changed are put back even if some thread panics.
     kvmerge::dedup::ksm::install_panic_hook();
     match cli.command {
-        Command::Ksm => match kvmerge::dedup::ksm::report(&kvmerge::dedup::ksm::KsmSysfs::host()) {
-            Ok(report) => {
-                print!("{report}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("kvmerge: {}", error_chain(&e));
-                ExitCode::from(1)
-            }
-        },
+        Command::Ksm(args) => ksm_command(args.restore),
         Command::Run(args) => {
             let config = match args.into_config(kvmerge::cli::on_terminal()) {
                 Ok(config) => config,
@@ -52,6 +43,36 @@ fn main() -> ExitCode {
                     ExitCode::from(if e.is_bad_input() { EXIT_USAGE } else { 1 })
                 }
             }
+        }
+    }
+}
+
+/// `kvmerge ksm [--restore]`. A journal left by a killed kvmerge is restored first (as root).
+fn ksm_command(restore: bool) -> ExitCode {
+    use kvmerge::dedup::ksm;
+    if restore {
+        return match ksm::restore_by_hand() {
+            Ok(line) => {
+                println!("kvmerge: {line}");
+                ExitCode::SUCCESS
+            }
+            Err(line) => {
+                eprintln!("kvmerge: {line}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    if let Some(line) = ksm::repair_on_start() {
+        eprintln!("kvmerge: {line}");
+    }
+    match ksm::report(&ksm::KsmSysfs::host(), &ksm::RunDir::host()) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kvmerge: {}", error_chain(&e));
+            ExitCode::from(1)
         }
     }
 }

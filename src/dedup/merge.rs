@@ -16,10 +16,12 @@ use serde::Serialize;
 use crate::config::DedupMode;
 use crate::dedup::accounting::{self, Accountant, Snapshot, VmRange};
 use crate::dedup::cpu::HostCpu;
-use crate::dedup::ksm::{self, Counters, Knob, KsmOwner, KsmSysfs};
+use crate::dedup::ksm::{self, Counters, Knob, KsmHold, KsmOwner, KsmSysfs};
 use crate::dedup::policy::{CpuBudget, Knobs, Policy, PolicyKind, Sample};
+use crate::dedup::procfs;
 use crate::dedup::zero::{self, PassReport, ZeroScanner};
 use crate::memory::GuestRam;
+use crate::sync::lock;
 use crate::vm::{Lifecycle, VmControl};
 
 /// Pages of zero-reclaim scanning per VM per tick while a VM's scans still find zero pages.
@@ -126,11 +128,11 @@ pub struct MergeThread {
 }
 
 impl MergeThread {
-    /// Starts the merge thread for `vms`. `owner` is kvmerge's hold on the host's KSM knobs, when
-    /// it has one; it is restored when its last reference drops.
+    /// Starts the merge thread for `vms`. `ksm` is this process's part in steering the host's
+    /// KSM, when it has one: as owner it steers; waiting, it takes over when the owner leaves.
     pub fn start(
         vms: Vec<MergeVm>,
-        owner: Option<Arc<KsmOwner>>,
+        ksm: Option<Arc<KsmHold>>,
         opts: Options,
     ) -> std::io::Result<MergeThread> {
         let status = Arc::new(Mutex::new(Status::default()));
@@ -139,10 +141,10 @@ impl MergeThread {
         let thread = std::thread::Builder::new()
             .name("kvmerge-merge".into())
             .spawn(move || {
-                let mut worker = Worker::new(vms, owner, opts);
+                let mut worker = Worker::new(vms, ksm, opts);
                 loop {
                     worker.tick();
-                    *published.lock().unwrap_or_else(|p| p.into_inner()) = worker.status.clone();
+                    *lock(&published) = worker.status.clone();
                     match stop_rx.recv_timeout(worker.opts.tick) {
                         Err(RecvTimeoutError::Timeout) => continue,
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
@@ -151,7 +153,7 @@ impl MergeThread {
                 // A last look for the summary.
                 worker.sample_vcpus();
                 worker.account();
-                *published.lock().unwrap_or_else(|p| p.into_inner()) = worker.status.clone();
+                *lock(&published) = worker.status.clone();
             })?;
         Ok(MergeThread {
             thread: Some(thread),
@@ -162,10 +164,7 @@ impl MergeThread {
 
     /// The latest published figures.
     pub fn status(&self) -> Status {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.status).clone()
     }
 
     /// Stops the thread and returns its final figures.
@@ -209,7 +208,7 @@ struct VmState {
 
 struct Worker {
     vms: Vec<VmState>,
-    owner: Option<Arc<KsmOwner>>,
+    ksm: Option<Arc<KsmHold>>,
     sysfs: KsmSysfs,
     policy: Policy,
     opts: Options,
@@ -217,7 +216,6 @@ struct Worker {
     started: Instant,
     ticks: u64,
     prev: Option<Sample>,
-    applied: Option<Knobs>,
     pauses: Vec<Duration>,
     total_pauses: u64,
     scanned_pages: u64,
@@ -236,9 +234,9 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(vms: Vec<MergeVm>, owner: Option<Arc<KsmOwner>>, opts: Options) -> Worker {
+    fn new(vms: Vec<MergeVm>, ksm: Option<Arc<KsmHold>>, opts: Options) -> Worker {
         let status = Status {
-            ksm_owned: owner.is_some(),
+            ksm_owned: ksm.as_ref().is_some_and(|k| k.owner().is_some()),
             ..Status::default()
         };
         Worker {
@@ -257,7 +255,7 @@ impl Worker {
                     busy: None,
                 })
                 .collect(),
-            owner,
+            ksm,
             sysfs: KsmSysfs::host(),
             policy: Policy::new(
                 opts.policy,
@@ -271,7 +269,6 @@ impl Worker {
             started: Instant::now(),
             ticks: 0,
             prev: None,
-            applied: None,
             pauses: Vec::new(),
             total_pauses: 0,
             scanned_pages: 0,
@@ -304,7 +301,8 @@ impl Worker {
         if self.inject_panic && self.ticks == 3 {
             panic!("injected panic (KVMERGE_INJECT_PANIC=merge-thread)");
         }
-        let cpu = thread_cpu_time();
+        // SAFETY: gettid has no preconditions.
+        let cpu = procfs::thread_cpu_time(unsafe { libc::gettid() }).unwrap_or_default();
         self.status.merge_thread_cpu_pct = 100.0
             * (cpu.saturating_sub(self.cpu_at_last_tick)).as_secs_f64()
             / self.opts.tick.as_secs_f64();
@@ -324,7 +322,10 @@ impl Worker {
             }
             let tids = state.vm.control.vcpu_tids();
             state.vcpus = tids.len() as u32;
-            let cpu: Duration = tids.iter().filter_map(|&t| ksm::thread_cpu_time(t)).sum();
+            let cpu: Duration = tids
+                .iter()
+                .filter_map(|&t| procfs::thread_cpu_time(t))
+                .sum();
             let delta = state
                 .vcpu_cpu
                 .replace(cpu)
@@ -473,7 +474,7 @@ impl Worker {
             at: self.started.elapsed(),
             vcpu_cpu: self.vcpu_cpu_total,
             vcpus: self.vms.iter().map(|v| v.vcpus).sum(),
-            ksmd_cpu: ksm::ksmd_cpu_time().unwrap_or_default(),
+            ksmd_cpu: procfs::ksmd_cpu_time().unwrap_or_default(),
             mergeable_pages: self.mergeable_pages(),
             pages_shared: counters.pages_shared,
             pages_sharing: counters.pages_sharing,
@@ -492,20 +493,26 @@ impl Worker {
         self.status.ksmd_cpu_s = sample.ksmd_cpu.as_secs_f64();
         self.status.pages_shared = counters.pages_shared;
         self.status.pages_sharing = counters.pages_sharing;
-        if let (Some(owner), Some(knobs)) = (&self.owner, self.policy.decide(&sample)) {
-            if self.applied != Some(knobs) {
+        // A waiting process takes over here when the owner has left.
+        let owner = self.ksm.as_ref().and_then(|k| k.owner_or_take_over());
+        if owner.is_some() && !self.status.ksm_owned {
+            // Newly the owner: the next decision is applied in full.
+            self.policy.invalidate();
+        }
+        self.status.ksm_owned = owner.is_some();
+        if let Some(owner) = &owner {
+            if let Some(knobs) = self.policy.decide(&sample) {
                 if let Err(e) = apply(owner, knobs) {
                     log::warn!("cannot set KSM knobs: {e}");
                     // Ask again next tick, and keep the policy's cost model honest.
                     self.policy.invalidate();
-                } else {
-                    self.applied = Some(knobs);
                 }
             }
         }
         self.status.policy_phase = format!("{:?}", self.policy.phase()).to_lowercase();
-        self.status.pages_to_scan = self.applied.map(|k| k.pages_to_scan);
-        self.status.sleep_millisecs = self.applied.map(|k| k.sleep_millisecs);
+        let applied = self.policy.applied().filter(|_| owner.is_some());
+        self.status.pages_to_scan = applied.map(|k| k.pages_to_scan);
+        self.status.sleep_millisecs = applied.map(|k| k.sleep_millisecs);
         self.prev = Some(sample);
     }
 
@@ -537,17 +544,6 @@ fn dedup_name(mode: DedupMode) -> &'static str {
     }
 }
 
-/// CPU time of the calling thread.
-fn thread_cpu_time() -> Duration {
-    // SAFETY: timespec is plain data filled by clock_gettime.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid clock id and a valid out pointer.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
 /// Whether this tick may hold guests for reclaim: when the host can spare the CPU, or when reclaim
 /// has already waited [`ZERO_MAX_DEFER_TICKS`] ticks in a row (a host that never has CPU to spare
 /// still gets its memory back, at the cost of longer holds). Unknown headroom (first tick,
@@ -556,17 +552,6 @@ fn may_reclaim(idle_cpus: Option<f64>, deferred_in_a_row: u32) -> bool {
     deferred_in_a_row >= ZERO_MAX_DEFER_TICKS
         || idle_cpus.is_none_or(|idle| idle >= ZERO_HEADROOM_CPUS)
 }
-
-/// The knobs kvmerge touches when it owns KSM.
-pub const OWNED_KNOBS: &[Knob] = &[
-    Knob::Run,
-    Knob::PagesToScan,
-    Knob::SleepMillisecs,
-    Knob::UseZeroPages,
-    Knob::SmartScan,
-    // The kernel's advisor overrides pages_to_scan: kvmerge turns it off while it steers.
-    Knob::AdvisorMode,
-];
 
 #[cfg(test)]
 mod tests {

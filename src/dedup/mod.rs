@@ -6,5 +6,6 @@ pub mod cpu;
 pub mod ksm;
 pub mod merge;
 pub mod policy;
+pub mod procfs;
 pub mod report;
 pub mod zero;
