@@ -21,7 +21,7 @@ use std::ops::{AddAssign, Range};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-pub const PAGE_SIZE: u64 = 4096;
+pub use crate::config::PAGE_SIZE;
 
 /// Pages to MiB, for printing.
 pub fn mib(pages: u64) -> f64 {

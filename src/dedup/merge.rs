@@ -13,12 +13,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::config::DedupMode;
+use crate::config::{DedupMode, PAGE_SIZE};
 use crate::dedup::accounting::{self, Accountant, Snapshot, VmRange};
 use crate::dedup::cpu::HostCpu;
 use crate::dedup::ksm::{self, Counters, Knob, KsmHold, KsmOwner, KsmSysfs};
 use crate::dedup::policy::{CpuBudget, Knobs, Policy, PolicyKind, Sample};
 use crate::dedup::procfs;
+use crate::dedup::touched::Touched;
 use crate::dedup::zero::{self, PassReport, ZeroScanner};
 use crate::memory::GuestRam;
 use crate::sync::lock;
@@ -79,6 +80,12 @@ pub struct VmStatus {
     pub zero_mib: f64,
     pub unique_mib: f64,
     pub shared_with_other_vms_mib: f64,
+    /// What dedup saves this VM now (see [`Status::saved_mib`]).
+    pub saved_mib: f64,
+    /// Reclaimed zero pages the guest has not touched again: still given back now.
+    pub zero_unbacked_mib: f64,
+    /// Zero pages reclaimed over the whole run (cumulative: a page reclaimed, re-touched and
+    /// reclaimed again counts twice).
     pub zero_reclaimed_mib: f64,
 }
 
@@ -90,13 +97,17 @@ pub struct Status {
     pub vms_running: usize,
     pub guest_ram_mib: f64,
     pub resident_mib: f64,
-    /// Host memory not spent thanks to dedup: KSM (pages_sharing + ksm_zero_pages of this
-    /// process's share) plus zero pages mapped or reclaimed.
+    /// Host memory dedup saves now (docs/stats.md): guest pages mapped to KSM pages or the zero
+    /// page beyond the frames backing them, plus reclaimed zero pages still given back. Never more
+    /// than `guest_ram_mib`.
     pub saved_mib: f64,
     pub ksm_mib: f64,
     pub zero_mib: f64,
     pub unique_mib: f64,
     pub shared_with_other_vms_mib: f64,
+    /// Reclaimed zero pages still given back now (part of `saved_mib`).
+    pub zero_unbacked_mib: f64,
+    /// Zero pages reclaimed over the whole run (cumulative, not a saving now).
     pub zero_reclaimed_mib: f64,
     pub zero_pause_p99_us: f64,
     pub zero_pauses: u64,
@@ -204,6 +215,10 @@ struct VmState {
     vcpus: u32,
     /// Share of its vCPUs' time the guest ran during the last tick (None on its first tick).
     busy: Option<f64>,
+    /// Pages the guest has used, to tell which reclaimed pages are still given back.
+    touched: Touched,
+    /// Of those, not resident at the last accounting.
+    unbacked: u64,
 }
 
 struct Worker {
@@ -253,6 +268,8 @@ impl Worker {
                     running: false,
                     vcpus: 0,
                     busy: None,
+                    touched: Touched::new(),
+                    unbacked: 0,
                 })
                 .collect(),
             ksm,
@@ -293,6 +310,8 @@ impl Worker {
             .idle_cpus()
             .map(|idle| idle + self.status.merge_thread_cpu_pct / 100.0);
         self.status.host_headroom_cpus = self.headroom;
+        // Pages resident now may be reclaimed below: mark them used first.
+        self.observe_residency();
         self.reclaim_zero_pages();
         if self.ticks % u64::from(self.opts.account_every.max(1)) == 1 || self.ticks == 1 {
             self.account();
@@ -396,7 +415,25 @@ impl Worker {
         self.status.zero_scan_s = self.scan_time.as_secs_f64();
     }
 
+    /// Marks resident guest pages used and counts used pages given back, for VMs with zero-page
+    /// reclaim (elsewhere nothing gives pages back).
+    fn observe_residency(&mut self) {
+        for state in &mut self.vms {
+            if state.vm.dedup == DedupMode::Off {
+                continue;
+            }
+            let (base, len) = state.vm.ram.host_range();
+            // SAFETY: the VM's guest RAM mapping, kept alive by the `Arc<GuestRam>` we hold; the
+            // same range on every call.
+            match unsafe { state.touched.observe(base, len) } {
+                Ok(unbacked) => state.unbacked = unbacked,
+                Err(e) => log::debug!("{}: mincore on guest RAM failed: {e}", state.vm.name),
+            }
+        }
+    }
+
     fn account(&mut self) {
+        self.observe_residency();
         let ranges: Vec<VmRange> = self
             .vms
             .iter()
@@ -426,7 +463,7 @@ impl Worker {
             let running = state.running;
             s.vms_running += usize::from(running);
             let len = state.vm.ram.host_range().1 as u64;
-            s.guest_ram_mib += accounting::mib(len / accounting::PAGE_SIZE);
+            s.guest_ram_mib += accounting::mib(len / PAGE_SIZE);
             let usage = self
                 .last_snapshot
                 .as_ref()
@@ -441,30 +478,38 @@ impl Worker {
                 zero_mib: accounting::mib(usage.zero),
                 unique_mib: accounting::mib(usage.unique),
                 shared_with_other_vms_mib: accounting::mib(usage.shared_with_other_vms),
+                saved_mib: 0.0,
+                zero_unbacked_mib: accounting::mib(state.unbacked),
                 zero_reclaimed_mib: accounting::mib(state.reclaimed),
             });
         }
-        if let Some(snap) = &self.last_snapshot {
-            let t = snap.total;
-            s.resident_mib = accounting::mib(t.resident);
-            s.ksm_mib = accounting::mib(t.ksm);
-            s.zero_mib = accounting::mib(t.zero);
-            s.unique_mib = accounting::mib(t.unique);
-            s.shared_with_other_vms_mib = accounting::mib(t.shared_with_other_vms);
-            s.accounting = match snap.source {
-                accounting::Source::Pagemap => "pagemap",
-                accounting::Source::Smaps => "smaps",
-            };
-            // Pages the guests map minus frames the host spends on them (zero pages included),
-            // plus pages given back by zero-page reclaim. Without page-frame access (not root),
-            // the host-wide KSM figure stands in for the first part.
-            let reclaimed: u64 = self.vms.iter().map(|v| v.reclaimed).sum();
-            let merged = snap
-                .saved()
-                .unwrap_or(self.last_counters.pages_sharing + self.last_counters.ksm_zero_pages);
-            s.saved_mib = accounting::mib(merged + reclaimed);
-        }
+        let unbacked: u64 = self.vms.iter().map(|v| v.unbacked).sum();
+        s.zero_unbacked_mib = accounting::mib(unbacked);
         s.zero_reclaimed_mib = accounting::mib(self.vms.iter().map(|v| v.reclaimed).sum());
+        let Some(snap) = &self.last_snapshot else {
+            return;
+        };
+        let t = snap.total;
+        s.resident_mib = accounting::mib(t.resident);
+        s.ksm_mib = accounting::mib(t.ksm);
+        s.zero_mib = accounting::mib(t.zero);
+        s.unique_mib = accounting::mib(t.unique);
+        s.shared_with_other_vms_mib = accounting::mib(t.shared_with_other_vms);
+        s.accounting = match snap.source {
+            accounting::Source::Pagemap => "pagemap",
+            accounting::Source::Smaps => "smaps",
+        };
+        let ksm_saved = ksm_saved_pages(snap, &self.last_counters);
+        s.saved_mib = accounting::mib(ksm_saved + t.zero + unbacked);
+        for (vm, usage) in s.vms.iter_mut().zip(&snap.per_vm) {
+            // KSM's saving is the fleet's; each VM gets the share of its KSM-mapped pages.
+            let ksm_share = if t.ksm == 0 {
+                0.0
+            } else {
+                accounting::mib(usage.ksm) * ksm_saved as f64 / t.ksm as f64
+            };
+            vm.saved_mib = ksm_share + accounting::mib(usage.zero) + vm.zero_unbacked_mib;
+        }
     }
 
     fn steer_ksm(&mut self) {
@@ -534,6 +579,18 @@ fn apply(owner: &KsmOwner, knobs: Knobs) -> ksm::Result<()> {
     owner.set(Knob::PagesToScan, &knobs.pages_to_scan.to_string())?;
     owner.set(Knob::SleepMillisecs, &knobs.sleep_millisecs.to_string())?;
     owner.set(Knob::Run, if knobs.run { "1" } else { "0" })
+}
+
+/// Pages KSM saves the fleet now, at most its KSM-mapped pages: with page frames (root), resident
+/// pages minus the frames backing them, zero-page mappings taken out; otherwise the host-wide
+/// `pages_sharing`, which may include other processes' merging, capped by the fleet's KSM pages.
+fn ksm_saved_pages(snap: &Snapshot, host: &Counters) -> u64 {
+    let t = snap.total;
+    let saved = match snap.saved() {
+        Some(saved) => saved.saturating_sub(t.zero),
+        None => host.pages_sharing,
+    };
+    saved.min(t.ksm)
 }
 
 fn dedup_name(mode: DedupMode) -> &'static str {

@@ -8,4 +8,5 @@ pub mod merge;
 pub mod policy;
 pub mod procfs;
 pub mod report;
+pub mod touched;
 pub mod zero;
