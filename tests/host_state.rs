@@ -1,0 +1,322 @@
+//! Host KSM state across processes: a killed owner's settings come back (by hand and on the next
+//! start), and two kvmerge processes hand the pool over without undoing each other. Root, KSM and
+//! KVM needed; each test uses its own run directory (KVMERGE_RUN_DIR) against the real
+//! /sys/kernel/mm/ksm, and puts every knob back when it ends, also when it fails.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Host KSM is one pool: one test at a time.
+static KSM: Mutex<()> = Mutex::new(());
+const LIMIT: Duration = Duration::from_secs(120);
+const KSM_DIR: &str = "/sys/kernel/mm/ksm";
+const KNOBS: &[&str] = &[
+    "run",
+    "pages_to_scan",
+    "sleep_millisecs",
+    "use_zero_pages",
+    "smart_scan",
+];
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    KSM.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn ksm_writable() -> bool {
+    // SAFETY: getuid has no preconditions.
+    let root = unsafe { libc::getuid() } == 0;
+    let why = if !Path::new(KSM_DIR).exists() {
+        "this kernel has no KSM"
+    } else if !root {
+        "steering KSM needs root"
+    } else {
+        return true;
+    };
+    if std::env::var("KVMERGE_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("KVMERGE_REQUIRE_KVM=1 but {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+    false
+}
+
+fn knobs() -> Vec<(String, String)> {
+    KNOBS
+        .iter()
+        .filter_map(|k| {
+            let v = std::fs::read_to_string(Path::new(KSM_DIR).join(k)).ok()?;
+            Some((k.to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+fn knob(name: &str) -> String {
+    std::fs::read_to_string(Path::new(KSM_DIR).join(name))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The knobs as a test found them, and its run directory; on drop (also after a failure) a stale
+/// journal is restored with `kvmerge ksm --restore` and any knob still changed is written back.
+struct HostKnobs {
+    before: Vec<(String, String)>,
+    run_dir: PathBuf,
+}
+
+impl HostKnobs {
+    fn save(run_dir: &Path) -> HostKnobs {
+        HostKnobs {
+            before: knobs(),
+            run_dir: run_dir.to_owned(),
+        }
+    }
+
+    fn journal(&self) -> PathBuf {
+        self.run_dir.join("ksm.json")
+    }
+}
+
+impl Drop for HostKnobs {
+    fn drop(&mut self) {
+        let _ = kvmerge()
+            .args(["ksm", "--restore"])
+            .env("KVMERGE_RUN_DIR", &self.run_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        // `run` last, as kvmerge does.
+        let mut before = self.before.clone();
+        before.sort_by_key(|(name, _)| name == "run");
+        for (name, value) in before {
+            if knob(&name) != value {
+                let _ = std::fs::write(Path::new(KSM_DIR).join(&name), &value);
+            }
+        }
+    }
+}
+
+/// `kvmerge [-v] run` of two payload guests with full dedup that idle until stopped, with its
+/// journal in `run_dir` and `--stats DIR/NAME.jsonl`.
+fn spawn(dir: &Path, run_dir: &Path, name: &str, verbose: bool) -> (Running, PathBuf) {
+    let stats = dir.join(format!("{name}.jsonl"));
+    let mut cmd = kvmerge();
+    if verbose {
+        cmd.arg("-v");
+    }
+    cmd.args([
+        "run",
+        "--count",
+        "2",
+        "--memory",
+        "16M",
+        "--console",
+        "none",
+    ])
+    .args(["--cmdline", "fill=4 then=idle", "--stats"])
+    .arg(&stats)
+    .arg("--kernel")
+    .arg(payload())
+    .env("KVMERGE_RUN_DIR", run_dir)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    (Running(cmd.spawn().unwrap()), stats)
+}
+
+fn last_stats(path: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(text.lines().last()?).ok()
+}
+
+/// Polls `done` against a deadline.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + LIMIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn owns_ksm(stats: &Path) -> bool {
+    last_stats(stats).is_some_and(|s| s["ksm_owned"] == true)
+}
+
+/// Stops a child with `signal` and returns its exit code and stderr.
+fn stop(mut child: Running, signal: i32) -> (Option<i32>, String) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.0.id() as i32, signal) };
+    let status = child.0.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.code(), stderr)
+}
+
+fn ksm_cmd(run_dir: &Path, args: &[&str]) -> Outcome {
+    let mut cmd = kvmerge();
+    cmd.arg("ksm").args(args).env("KVMERGE_RUN_DIR", run_dir);
+    run_with_limit(cmd, LIMIT)
+}
+
+/// Starts an owner, waits until it has changed the knobs, SIGKILLs it: the knobs stay changed and
+/// the journal stays. Returns the killed pid.
+fn killed_owner(dir: &Path, host: &HostKnobs) -> u32 {
+    let (child, stats) = spawn(dir, &host.run_dir, "killed", false);
+    let pid = child.0.id();
+    wait_until("kvmerge to steer KSM", || owns_ksm(&stats));
+    wait_until("kvmerge to change the knobs", || knobs() != host.before);
+    let journal = std::fs::read_to_string(host.journal()).unwrap();
+    assert!(journal.contains(&format!("\"pid\":{pid}")), "{journal}");
+    // While it runs, nothing is stale and --restore refuses.
+    let out = ksm_cmd(&host.run_dir, &["--restore"]);
+    assert_eq!(out.code(), Some(1), "{}", out.dump());
+    assert!(
+        out.stderr.contains(&format!("kvmerge pid {pid}")),
+        "{}",
+        out.dump()
+    );
+
+    let (code, _) = stop(child, libc::SIGKILL);
+    assert_eq!(code, None, "killed by a signal");
+    assert_ne!(knobs(), host.before, "SIGKILL leaves the knobs changed");
+    assert!(host.journal().exists(), "and the journal in place");
+    pid
+}
+
+#[test]
+fn a_killed_owner_is_repaired_by_hand_and_by_the_next_run() {
+    let _ksm = serial();
+    if !kvm_available() || !ksm_writable() {
+        return;
+    }
+    let dir = TempDir::new("killed");
+    let host = HostKnobs::save(&dir.path().join("run"));
+
+    // By hand.
+    let pid = killed_owner(dir.path(), &host);
+    let report = ksm_cmd(&host.run_dir, &[]);
+    assert_eq!(report.code(), Some(0), "{}", report.dump());
+    let out = ksm_cmd(&host.run_dir, &["--restore"]);
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    let said = format!("restored host KSM settings left by kvmerge pid {pid} (killed?): run=");
+    // `kvmerge ksm` repairs on start too (as root): one of the two said it, in one line.
+    let all = format!("{}{}{}", report.stderr, out.stdout, out.stderr);
+    assert_eq!(
+        all.matches(&said).count(),
+        1,
+        "{}\n{}",
+        report.dump(),
+        out.dump()
+    );
+    assert_eq!(knobs(), host.before, "knobs back to the originals");
+    assert!(!host.journal().exists());
+    let again = ksm_cmd(&host.run_dir, &["--restore"]);
+    assert_eq!(again.code(), Some(0), "{}", again.dump());
+    assert!(
+        again.stdout.contains("nothing to restore"),
+        "{}",
+        again.dump()
+    );
+
+    // By the next run, before it does anything else (zero-page dedup only: it touches no knob).
+    let pid = killed_owner(dir.path(), &host);
+    let mut cmd = kvmerge();
+    cmd.args([
+        "run",
+        "--dedup",
+        "zero",
+        "--memory",
+        "16M",
+        "--console",
+        "none",
+    ])
+    .args(["--cmdline", "then=exit:0", "--kernel"])
+    .arg(payload())
+    .env("KVMERGE_RUN_DIR", &host.run_dir);
+    let out = run_with_limit(cmd, LIMIT);
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("restored host KSM settings"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{}", out.dump());
+    assert!(
+        lines[0].contains(&format!("left by kvmerge pid {pid} (killed?): run=")),
+        "{}",
+        out.dump()
+    );
+    assert_eq!(knobs(), host.before, "knobs back to the originals");
+    assert!(!host.journal().exists());
+}
+
+#[test]
+fn two_processes_hand_the_pool_over_and_the_last_restores() {
+    let _ksm = serial();
+    if !kvm_available() || !ksm_writable() {
+        return;
+    }
+    let dir = TempDir::new("handover");
+    let host = HostKnobs::save(&dir.path().join("run"));
+
+    let (a, a_stats) = spawn(dir.path(), &host.run_dir, "a", false);
+    let a_pid = a.0.id();
+    wait_until("A to steer KSM", || owns_ksm(&a_stats));
+    wait_until("A to change the knobs", || knobs() != host.before);
+    let (b, b_stats) = spawn(dir.path(), &host.run_dir, "b", true);
+    let b_pid = b.0.id();
+    wait_until("B to run a while", || {
+        last_stats(&b_stats).is_some_and(|s| s["t"].as_f64().unwrap_or(0.0) >= 1.0)
+    });
+    assert!(!owns_ksm(&b_stats), "B waits while A steers");
+
+    let (code, a_err) = stop(a, libc::SIGTERM);
+    assert_eq!(code, Some(143), "{a_err}");
+    let boosted = knobs();
+    assert_ne!(boosted, host.before, "A handed over instead of restoring");
+    wait_until("B to take over", || owns_ksm(&b_stats));
+    assert_ne!(knobs(), host.before, "B steers");
+    let journal = std::fs::read_to_string(host.journal()).unwrap();
+    assert!(journal.contains(&format!("\"pid\":{b_pid}")), "{journal}");
+
+    let (code, b_err) = stop(b, libc::SIGTERM);
+    assert_eq!(code, Some(143), "{b_err}");
+    let waiting: Vec<&str> = b_err
+        .lines()
+        .filter(|l| l.contains("steers host KSM"))
+        .collect();
+    assert_eq!(waiting.len(), 1, "B said once that it waits:\n{b_err}");
+    assert!(
+        waiting[0].contains(&format!("kvmerge pid {a_pid}"))
+            && waiting[0].contains("takes over when it exits"),
+        "{b_err}"
+    );
+    assert!(
+        b_err.contains(&format!(
+            "took over steering host KSM from kvmerge pid {a_pid}"
+        )),
+        "{b_err}"
+    );
+    assert_eq!(knobs(), host.before, "the last one out restored");
+    assert!(!host.journal().exists());
+}
+
+/// `kvmerge ksm` shows the journal; without one it says so.
+#[test]
+fn ksm_report_shows_the_journal() {
+    let dir = TempDir::new("report");
+    let out = ksm_cmd(&dir.path().join("run"), &[]);
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    assert!(out.stdout.contains("Journal: none"), "{}", out.dump());
+}
