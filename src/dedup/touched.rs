@@ -90,10 +90,9 @@ mod tests {
         assert_eq!(observe(&mut touched), 0);
         // Given back, as zero-page reclaim does.
         // SAFETY: pages 1 and 2 of the mapping.
-        assert_eq!(
-            unsafe { libc::madvise(page(1).cast(), 2 * PAGE_SIZE as usize, libc::MADV_DONTNEED) },
-            0
-        );
+        let rc =
+            unsafe { libc::madvise(page(1).cast(), 2 * PAGE_SIZE as usize, libc::MADV_DONTNEED) };
+        assert_eq!(rc, 0);
         assert_eq!(observe(&mut touched), 2);
         // Touched again: no longer saved.
         // SAFETY: inside the mapping.
