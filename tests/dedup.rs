@@ -3,63 +3,15 @@
 //! KVMERGE_REQUIRE_KVM=1.
 
 mod common;
+#[path = "ksm_common/mod.rs"]
+mod ksm_common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Host KSM is one global pool: one test at a time.
-static KSM: Mutex<()> = Mutex::new(());
-const LIMIT: Duration = Duration::from_secs(120);
-const KSM_DIR: &str = "/sys/kernel/mm/ksm";
-const KNOBS: &[&str] = &[
-    "run",
-    "pages_to_scan",
-    "sleep_millisecs",
-    "use_zero_pages",
-    "smart_scan",
-];
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    KSM.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Whether kvmerge may steer the host's KSM here (root, KSM present).
-fn ksm_writable() -> bool {
-    // SAFETY: getuid has no preconditions.
-    let root = unsafe { libc::getuid() } == 0;
-    let why = if !Path::new(KSM_DIR).exists() {
-        "this kernel has no KSM"
-    } else if !root {
-        "steering KSM needs root"
-    } else {
-        return true;
-    };
-    if std::env::var("KVMERGE_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("KVMERGE_REQUIRE_KVM=1 but {why}");
-    }
-    eprintln!("SKIPPED: {why}");
-    false
-}
-
-fn knobs() -> Vec<(String, String)> {
-    KNOBS
-        .iter()
-        .filter_map(|k| {
-            let v = std::fs::read_to_string(Path::new(KSM_DIR).join(k)).ok()?;
-            Some((k.to_string(), v.trim().to_string()))
-        })
-        .collect()
-}
-
-/// The last JSON object of a `--stats` file.
-fn last_stats(path: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(path).ok()?;
-    serde_json::from_str(text.lines().last()?).ok()
-}
+use ksm_common::*;
 
 fn vm_field(stats: &serde_json::Value, vm: usize, field: &str) -> f64 {
     stats["vms"][vm][field].as_f64().unwrap_or(-1.0)
@@ -101,15 +53,6 @@ fn wait_for(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn stop(mut child: Running, signal: i32) -> (Option<i32>, String) {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.0.id() as i32, signal) };
-    let status = child.0.wait().unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    (status.code(), stderr)
 }
 
 /// Runs eight identical guests filling `fill_mib` with `patterns` distinct pages until every guest

@@ -4,57 +4,15 @@
 //! /sys/kernel/mm/ksm, and puts every knob back when it ends, also when it fails.
 
 mod common;
+#[path = "ksm_common/mod.rs"]
+mod ksm_common;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Host KSM is one pool: one test at a time.
-static KSM: Mutex<()> = Mutex::new(());
-const LIMIT: Duration = Duration::from_secs(120);
-const KSM_DIR: &str = "/sys/kernel/mm/ksm";
-const KNOBS: &[&str] = &[
-    "run",
-    "pages_to_scan",
-    "sleep_millisecs",
-    "use_zero_pages",
-    "smart_scan",
-];
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    KSM.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn ksm_writable() -> bool {
-    // SAFETY: getuid has no preconditions.
-    let root = unsafe { libc::getuid() } == 0;
-    let why = if !Path::new(KSM_DIR).exists() {
-        "this kernel has no KSM"
-    } else if !root {
-        "steering KSM needs root"
-    } else {
-        return true;
-    };
-    if std::env::var("KVMERGE_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("KVMERGE_REQUIRE_KVM=1 but {why}");
-    }
-    eprintln!("SKIPPED: {why}");
-    false
-}
-
-fn knobs() -> Vec<(String, String)> {
-    KNOBS
-        .iter()
-        .filter_map(|k| {
-            let v = std::fs::read_to_string(Path::new(KSM_DIR).join(k)).ok()?;
-            Some((k.to_string(), v.trim().to_string()))
-        })
-        .collect()
-}
+use ksm_common::*;
 
 fn knob(name: &str) -> String {
     std::fs::read_to_string(Path::new(KSM_DIR).join(name))
@@ -129,11 +87,6 @@ fn spawn(dir: &Path, run_dir: &Path, name: &str, verbose: bool) -> (Running, Pat
     (Running(cmd.spawn().unwrap()), stats)
 }
 
-fn last_stats(path: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(path).ok()?;
-    serde_json::from_str(text.lines().last()?).ok()
-}
-
 /// Polls `done` against a deadline.
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + LIMIT;
@@ -145,22 +98,6 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 fn owns_ksm(stats: &Path) -> bool {
     last_stats(stats).is_some_and(|s| s["ksm_owned"] == true)
-}
-
-/// Stops a child with `signal` and returns its exit code and stderr.
-fn stop(mut child: Running, signal: i32) -> (Option<i32>, String) {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.0.id() as i32, signal) };
-    let status = child.0.wait().unwrap();
-    let mut stderr = String::new();
-    child
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    (status.code(), stderr)
 }
 
 fn ksm_cmd(run_dir: &Path, args: &[&str]) -> Outcome {

@@ -58,47 +58,35 @@ impl Touched {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dedup::accounting::tests::Mem;
 
     #[test]
     fn counts_pages_used_then_given_back() {
         let pages = 8;
         let len = pages * PAGE_SIZE as usize;
-        // SAFETY: a fresh anonymous private mapping, unmapped below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
-        let page = |i: usize| {
-            // SAFETY: i < pages, inside the mapping.
-            unsafe { base.cast::<u8>().add(i * PAGE_SIZE as usize) }
-        };
+        let mem = Mem::map(pages);
+        let base = mem.page(0) as u64;
         let mut touched = Touched::new();
-        // SAFETY: the mapping above, alive until munmap.
-        let observe = |t: &mut Touched| unsafe { t.observe(base as u64, len) }.unwrap();
+        // SAFETY: `mem`'s mapping, alive until the end of the test.
+        let observe = |t: &mut Touched| unsafe { t.observe(base, len) }.unwrap();
         assert_eq!(observe(&mut touched), 0, "nothing used yet");
         for i in [1, 2, 5] {
-            // SAFETY: inside the mapping.
-            unsafe { page(i).write_volatile(7) };
+            mem.write(i, 7);
         }
         assert_eq!(observe(&mut touched), 0);
         // Given back, as zero-page reclaim does.
         // SAFETY: pages 1 and 2 of the mapping.
-        let rc =
-            unsafe { libc::madvise(page(1).cast(), 2 * PAGE_SIZE as usize, libc::MADV_DONTNEED) };
+        let rc = unsafe {
+            libc::madvise(
+                mem.page(1).cast(),
+                2 * PAGE_SIZE as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
         assert_eq!(rc, 0);
         assert_eq!(observe(&mut touched), 2);
-        // Touched again: no longer saved.
-        // SAFETY: inside the mapping.
-        unsafe { page(2).write_volatile(1) };
+        // Written again: no longer saved.
+        mem.write(2, 1);
         assert_eq!(observe(&mut touched), 1);
-        // SAFETY: the mapping created above.
-        unsafe { libc::munmap(base, len) };
     }
 }

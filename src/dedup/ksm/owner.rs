@@ -317,11 +317,17 @@ fn journal_state(run_dir: &RunDir) -> Result<JournalState> {
     }
 }
 
+/// Whether there is a journal; an error when that cannot be known (not root).
+fn journal_exists(run_dir: &RunDir) -> Result<bool> {
+    let path = run_dir.journal_path();
+    path.try_exists()
+        .map_err(|source| Error::Read { path, source })
+}
+
 /// The journal's state for a report, without waiting and without creating anything.
 pub fn inspect(run_dir: &RunDir) -> Result<JournalState> {
-    if !run_dir.journal_path().exists() {
-        // Not even readable (not root) reads as absent; the caller says so.
-        return Journal::read(run_dir).map(|_| JournalState::None);
+    if !journal_exists(run_dir)? {
+        return Ok(JournalState::None);
     }
     match run_dir.guard(false)? {
         Some(_guard) => journal_state(run_dir),
@@ -333,8 +339,8 @@ pub fn inspect(run_dir: &RunDir) -> Result<JournalState> {
 /// the journal. Called on start (`kvmerge run`, `kvmerge ksm`), by `kvmerge ksm --restore`, and
 /// by the last waiting process on its way out.
 pub fn repair_stale(run_dir: &RunDir) -> Result<Repair> {
-    if !run_dir.journal_path().exists() {
-        return Journal::read(run_dir).map(|_| Repair::Nothing);
+    if !journal_exists(run_dir)? {
+        return Ok(Repair::Nothing);
     }
     let _guard = run_dir.guard(true)?;
     let journal = match journal_state(run_dir)? {
