@@ -80,11 +80,13 @@ fn eight_identical_guests_merge(
         dir.path(),
         &[],
     );
+    // Another kvmerge on the host may steer KSM at first: this one takes over when it leaves.
     let s = wait_for(&stats, "every guest's pages merged", |s| {
-        (0..8).all(|vm| {
-            vm_field(s, vm, "ksm_mib") >= expect_mib
-                && vm_field(s, vm, "shared_with_other_vms_mib") >= expect_mib
-        })
+        s["ksm_owned"] == true
+            && (0..8).all(|vm| {
+                vm_field(s, vm, "ksm_mib") >= expect_mib
+                    && vm_field(s, vm, "shared_with_other_vms_mib") >= expect_mib
+            })
     });
     assert_eq!(s["ksm_owned"], true, "{s}");
     let (code, stderr) = stop(child, libc::SIGTERM);
@@ -178,10 +180,14 @@ fn dedup_off_never_marks_mergeable_and_zero_shares_nothing() {
             dir.path(),
             &[],
         );
-        // Two accountings after the guests filled: reclaim has had its first passes.
+        // Accountings after the guests filled; with reclaim, until it has given the zeros back
+        // (however long a loaded host makes that take).
         let s = wait_for(&stats, "accounting of filled guests", |s| {
             s["t"].as_f64().unwrap_or(0.0) >= 3.0
-                && (0..2).all(|vm| vm_field(s, vm, "resident_mib") >= 8.0)
+                && (0..2).all(|vm| {
+                    vm_field(s, vm, "resident_mib") >= 8.0
+                        && (mode == "off" || vm_field(s, vm, "zero_reclaimed_mib") >= 7.9)
+                })
         });
         // The kernel may merge the two adjacent guest mappings into one VMA.
         let flags = guest_ram_flags(child.0.id());
@@ -474,23 +480,29 @@ fn unprivileged_run_touches_no_knob_but_reclaims_and_accounts() {
             "32M",
             "--console",
             "none",
-            "--timeout",
-            "6s",
         ])
         .args(["--cmdline", "fill=8 zeros=8 then=idle", "--stats"])
         .arg(&stats)
         .arg("--kernel")
-        .arg(&kernel);
-    let out = run_with_limit(cmd, LIMIT);
-    assert_eq!(out.code(), Some(124), "{}", out.dump());
+        .arg(&kernel)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // setpriv execs kvmerge: the child is kvmerge itself.
+    let child = Running(cmd.spawn().unwrap());
+    wait_for(&stats, "zero pages reclaimed and accounted", |s| {
+        (0..2).all(|vm| vm_field(s, vm, "zero_reclaimed_mib") >= 7.9)
+            && s["resident_mib"].as_f64().unwrap_or(0.0) >= 16.0
+    });
+    let (code, stderr) = stop(child, libc::SIGTERM);
+    assert_eq!(code, Some(143), "{stderr}");
     assert_eq!(knobs(), before, "an unprivileged run changes no knob");
-    let warnings: Vec<&str> = out
-        .stderr
+    let warnings: Vec<&str> = stderr
         .lines()
         .filter(|l| l.contains("not steering host KSM"))
         .collect();
-    assert_eq!(warnings.len(), 1, "said once, in one line\n{}", out.dump());
-    assert!(warnings[0].contains("not root"), "{}", out.dump());
+    assert_eq!(warnings.len(), 1, "said once, in one line\n{stderr}");
+    assert!(warnings[0].contains("not root"), "{stderr}");
     let last = last_stats(&stats).unwrap();
     assert_eq!(last["ksm_owned"], false);
     for vm in 0..2 {
