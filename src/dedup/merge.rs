@@ -624,4 +624,33 @@ mod tests {
         // A host that stays busy still gets reclaim after a bounded wait.
         assert!(may_reclaim(Some(0.0), ZERO_MAX_DEFER_TICKS));
     }
+
+    #[test]
+    fn ksm_saving_is_never_more_than_the_fleets_ksm_pages() {
+        let total = accounting::Usage {
+            resident: 1000,
+            ksm: 600,
+            zero: 100,
+            unique: 300,
+            shared_with_other_vms: 0,
+        };
+        let snap = |frames: Option<u64>| Snapshot {
+            source: accounting::Source::Pagemap,
+            per_vm: vec![total],
+            total,
+            distinct_frames: frames,
+            frames_mapped_elsewhere: None,
+            estimated: vec![false],
+            taken_in: Duration::ZERO,
+        };
+        let host = |sharing| Counters {
+            pages_sharing: sharing,
+            ..Counters::default()
+        };
+        // 600 KSM mappings on 20 frames, 300 unique frames: 580 saved; zero pages apart.
+        assert_eq!(ksm_saved_pages(&snap(Some(320)), &host(0)), 580);
+        // Without frames, the host-wide figure (other processes included) is capped.
+        assert_eq!(ksm_saved_pages(&snap(None), &host(10_000)), 600);
+        assert_eq!(ksm_saved_pages(&snap(None), &host(42)), 42);
+    }
 }
