@@ -86,7 +86,7 @@ fn journal_line(run_dir: &RunDir) -> String {
     let path = run_dir.journal_path();
     match inspect(run_dir) {
         Ok(JournalState::None) => format!(
-            "none ({} absent: no kvmerge changed the knobs)",
+            "none ({} absent: no kvmerge has changed knobs to restore)",
             path.display()
         ),
         Ok(JournalState::InUse(j)) => format!(
