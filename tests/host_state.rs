@@ -203,6 +203,22 @@ fn two_processes_hand_the_pool_over_and_the_last_restores() {
     if !kvm_available() || !ksm_writable() {
         return;
     }
+    hand_over(libc::SIGTERM, Some(143));
+}
+
+/// A SIGKILLed owner releases its flocks with its life: the waiter takes over all the same.
+#[test]
+fn a_waiter_takes_over_from_a_killed_owner() {
+    let _ksm = serial();
+    if !kvm_available() || !ksm_writable() {
+        return;
+    }
+    hand_over(libc::SIGKILL, None);
+}
+
+/// A owns, B waits; A ends by `signal`: the knobs stay as they are, B takes over with A's
+/// originals; B ends: the originals are back.
+fn hand_over(signal: i32, a_code: Option<i32>) {
     let dir = TempDir::new("handover");
     let host = HostKnobs::save(&dir.path().join("run"));
 
@@ -217,8 +233,8 @@ fn two_processes_hand_the_pool_over_and_the_last_restores() {
     });
     assert!(!owns_ksm(&b_stats), "B waits while A steers");
 
-    let (code, a_err) = stop(a, libc::SIGTERM);
-    assert_eq!(code, Some(143), "{a_err}");
+    let (code, a_err) = stop(a, signal);
+    assert_eq!(code, a_code, "{a_err}");
     let boosted = knobs();
     assert_ne!(boosted, host.before, "A handed over instead of restoring");
     wait_until("B to take over", || owns_ksm(&b_stats));
