@@ -52,8 +52,16 @@ pub enum Command {
     #[command(after_help = RUN_EXAMPLES)]
     Run(Box<RunArgs>),
     /// Show the host's kernel same-page merging (KSM) state: knobs, counters, savings, ksmd's CPU
-    /// time, and whether kvmerge may steer it here.
-    Ksm,
+    /// time, whether kvmerge may steer it here, and the settings a killed kvmerge left.
+    Ksm(KsmArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KsmArgs {
+    /// Put back the host KSM settings journaled by a kvmerge that was killed (SIGKILL, OOM) and
+    /// say what was done; exit 1 if they cannot be restored (not root, or a kvmerge still runs).
+    #[arg(long)]
+    pub restore: bool,
 }
 
 #[derive(Debug, Args)]
@@ -189,7 +197,7 @@ mod tests {
     fn run_config(args: &[&str], terminal: bool) -> Config {
         match parse(args).unwrap().command {
             Command::Run(run) => run.into_config(terminal).unwrap(),
-            Command::Ksm => panic!("not a run"),
+            Command::Ksm(_) => panic!("not a run"),
         }
     }
 
@@ -254,7 +262,14 @@ mod tests {
 
     #[test]
     fn ksm_subcommand_and_fleet_conflicts() {
-        assert!(matches!(parse(&["ksm"]).unwrap().command, Command::Ksm));
+        assert!(matches!(
+            parse(&["ksm"]).unwrap().command,
+            Command::Ksm(KsmArgs { restore: false })
+        ));
+        assert!(matches!(
+            parse(&["ksm", "--restore"]).unwrap().command,
+            Command::Ksm(KsmArgs { restore: true })
+        ));
         assert!(parse(&["run", "--fleet", "f.toml"]).is_ok());
         assert!(parse(&["run", "--fleet", "f.toml", "--memory", "1G"]).is_err());
         assert!(parse(&["run", "--fleet", "f.toml", "--kernel", "k"]).is_err());

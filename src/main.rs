@@ -35,19 +35,7 @@ fn run_command() -> ExitCode {
     kvmerge::dedup::ksm::install_panic_hook();
     kvmerge::terminal::install_panic_hook();
     match cli.command {
-        Command::Ksm => match kvmerge::dedup::ksm::report(&kvmerge::dedup::ksm::KsmSysfs::host()) {
-            Ok(report) => match write_stdout(report.as_bytes()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    output::eprintln(&format!("kvmerge: cannot write the report: {e}"));
-                    ExitCode::from(1)
-                }
-            },
-            Err(e) => {
-                output::eprintln(&format!("kvmerge: {}", error_chain(&e)));
-                ExitCode::from(1)
-            }
-        },
+        Command::Ksm(args) => ksm_command(args.restore),
         Command::Run(args) => {
             let config = match args.into_config(kvmerge::cli::on_terminal()) {
                 Ok(config) => config,
@@ -93,6 +81,44 @@ fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(bytes)?;
     out.flush()
+}
+
+/// `kvmerge ksm [--restore]`. A journal left by a killed kvmerge is restored first (as root).
+fn ksm_command(restore: bool) -> ExitCode {
+    use kvmerge::dedup::ksm;
+    if restore {
+        return match ksm::restore_by_hand() {
+            Ok(line) => match write_stdout(format!("kvmerge: {line}\n").as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    output::eprintln(&format!(
+                        "kvmerge: {line} (and cannot write to stdout: {e})"
+                    ));
+                    ExitCode::SUCCESS
+                }
+            },
+            Err(line) => {
+                output::eprintln(&format!("kvmerge: {line}"));
+                ExitCode::from(1)
+            }
+        };
+    }
+    if let Some(line) = ksm::repair_on_start() {
+        output::eprintln(&format!("kvmerge: {line}"));
+    }
+    match ksm::report(&ksm::KsmSysfs::host(), &ksm::RunDir::host()) {
+        Ok(report) => match write_stdout(report.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                output::eprintln(&format!("kvmerge: cannot write the report: {e}"));
+                ExitCode::from(1)
+            }
+        },
+        Err(e) => {
+            output::eprintln(&format!("kvmerge: {}", error_chain(&e)));
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Help and version go to stdout as usual; a usage error becomes one line on stderr, exit 2.

@@ -19,9 +19,8 @@ use crate::arch::{self, EntryMode};
 use crate::config::DedupMode;
 use crate::config::{self, Config, ConsoleMode};
 use crate::console::{ConsoleSink, Consoles, Expect, Output};
-use crate::dedup::ksm::{self, Knob, KsmOwner, KsmSysfs};
+use crate::dedup::ksm;
 use crate::dedup::merge::{self, MergeThread, MergeVm};
-use crate::dedup::policy::PolicyKind;
 use crate::dedup::report;
 use crate::kvm::{self, Flavor, Host};
 use crate::loader::{self, InitrdImage, KernelImage};
@@ -546,50 +545,10 @@ fn resume_all(vms: &[Vm], signals: &SignalFd) -> std::result::Result<(), (usize,
     }
 }
 
-/// Takes ownership of the host's KSM knobs when kvmerge should steer them: some guest uses
-/// `full` dedup, the policy is not `kernel`, and this process may write them. Otherwise says
-/// once why not, and guests are merged (or not) at the host's own settings.
-fn take_ksm(cfg: &Config) -> Option<Arc<KsmOwner>> {
-    if cfg.ksm_policy == PolicyKind::Kernel || !cfg.vms.iter().any(|vm| vm.dedup == DedupMode::Full)
-    {
-        return None;
-    }
-    let sysfs = KsmSysfs::host();
-    if let Err(why) = sysfs.writable() {
-        log::warn!(
-            "not steering host KSM ({why}): guests merge at the host's own KSM settings; \
-             zero-page reclaim and accounting still run"
-        );
-        return None;
-    }
-    match KsmOwner::take(sysfs, merge::OWNED_KNOBS) {
-        Ok(owner) => {
-            // Zero pages merge into the kernel's zero page instead of one KSM page per content;
-            // smart scanning skips pages that keep failing to merge; the kernel's own advisor
-            // would fight the policy over pages_to_scan.
-            for (knob, value) in [
-                (Knob::AdvisorMode, "none"),
-                (Knob::UseZeroPages, "1"),
-                (Knob::SmartScan, "1"),
-            ] {
-                if owner.original(knob).is_some() {
-                    if let Err(e) = owner.set(knob, value) {
-                        log::warn!("cannot set KSM {knob}: {e}");
-                    }
-                }
-            }
-            Some(Arc::new(owner))
-        }
-        // Another kvmerge steers the host's one KSM pool, for our guests too: nothing to report.
-        Err(e @ ksm::Error::OwnedElsewhere(_)) => {
-            log::info!("not steering host KSM ({e})");
-            None
-        }
-        Err(e) => {
-            log::warn!("not steering host KSM ({e}); zero-page reclaim and accounting still run");
-            None
-        }
-    }
+/// This process's part in steering the host's KSM (see [`ksm::join_for_run`]).
+fn take_ksm(cfg: &Config) -> Option<Arc<ksm::KsmHold>> {
+    let any_full = cfg.vms.iter().any(|vm| vm.dedup == DedupMode::Full);
+    ksm::join_for_run(cfg.ksm_policy, any_full)
 }
 
 /// How often the status line and `--stats` are refreshed.

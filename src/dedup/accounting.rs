@@ -21,7 +21,7 @@ use std::ops::{AddAssign, Range};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-pub const PAGE_SIZE: u64 = 4096;
+pub use crate::config::PAGE_SIZE;
 
 /// Pages to MiB, for printing.
 pub fn mib(pages: u64) -> f64 {
@@ -740,18 +740,18 @@ fn share(total: u64, span: Range<u64>, weights: u64) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::path::PathBuf;
 
     /// Anonymous test memory standing in for guest RAM: pages are written, read or left alone.
-    struct Mem {
+    pub(crate) struct Mem {
         base: *mut u8,
         pages: usize,
     }
 
     impl Mem {
-        fn map(pages: usize) -> Mem {
+        pub(crate) fn map(pages: usize) -> Mem {
             let len = pages * PAGE_SIZE as usize;
             // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
             let addr = unsafe {
@@ -774,14 +774,14 @@ mod tests {
             }
         }
 
-        fn page(&self, page: usize) -> *mut u8 {
+        pub(crate) fn page(&self, page: usize) -> *mut u8 {
             assert!(page < self.pages);
             // SAFETY: `page` is inside the mapping (checked above).
             unsafe { self.base.add(page * PAGE_SIZE as usize) }
         }
 
         /// Fills a page with content determined by `seed`: equal seeds, equal pages.
-        fn write(&self, page: usize, seed: u64) {
+        pub(crate) fn write(&self, page: usize, seed: u64) {
             let words = self.page(page).cast::<u64>();
             for i in 0..PAGE_SIZE as usize / 8 {
                 let value = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64 + 1);

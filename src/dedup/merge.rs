@@ -13,13 +13,16 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::config::DedupMode;
+use crate::config::{DedupMode, PAGE_SIZE};
 use crate::dedup::accounting::{self, Accountant, Snapshot, VmRange};
 use crate::dedup::cpu::HostCpu;
-use crate::dedup::ksm::{self, Counters, Knob, KsmOwner, KsmSysfs};
+use crate::dedup::ksm::{self, Counters, Knob, KsmHold, KsmOwner, KsmSysfs};
 use crate::dedup::policy::{CpuBudget, Knobs, Policy, PolicyKind, Sample};
+use crate::dedup::procfs;
+use crate::dedup::touched::Touched;
 use crate::dedup::zero::{self, PassReport, ZeroScanner};
 use crate::memory::GuestRam;
+use crate::sync::lock;
 use crate::vm::{Lifecycle, VmControl};
 
 /// Pages of zero-reclaim scanning per VM per tick while a VM's scans still find zero pages.
@@ -77,6 +80,12 @@ pub struct VmStatus {
     pub zero_mib: f64,
     pub unique_mib: f64,
     pub shared_with_other_vms_mib: f64,
+    /// What dedup saves this VM now (see [`Status::saved_mib`]).
+    pub saved_mib: f64,
+    /// Reclaimed zero pages the guest has not touched again: still given back now.
+    pub zero_unbacked_mib: f64,
+    /// Zero pages reclaimed over the whole run (cumulative: a page reclaimed, re-touched and
+    /// reclaimed again counts twice).
     pub zero_reclaimed_mib: f64,
 }
 
@@ -88,13 +97,17 @@ pub struct Status {
     pub vms_running: usize,
     pub guest_ram_mib: f64,
     pub resident_mib: f64,
-    /// Host memory not spent thanks to dedup: KSM (pages_sharing + ksm_zero_pages of this
-    /// process's share) plus zero pages mapped or reclaimed.
+    /// Host memory dedup saves now (docs/stats.md): guest pages mapped to KSM pages or the zero
+    /// page beyond the frames backing them, plus reclaimed zero pages still given back. Never more
+    /// than `guest_ram_mib`.
     pub saved_mib: f64,
     pub ksm_mib: f64,
     pub zero_mib: f64,
     pub unique_mib: f64,
     pub shared_with_other_vms_mib: f64,
+    /// Reclaimed zero pages still given back now (part of `saved_mib`).
+    pub zero_unbacked_mib: f64,
+    /// Zero pages reclaimed over the whole run (cumulative, not a saving now).
     pub zero_reclaimed_mib: f64,
     pub zero_pause_p99_us: f64,
     pub zero_pauses: u64,
@@ -126,11 +139,11 @@ pub struct MergeThread {
 }
 
 impl MergeThread {
-    /// Starts the merge thread for `vms`. `owner` is kvmerge's hold on the host's KSM knobs, when
-    /// it has one; it is restored when its last reference drops.
+    /// Starts the merge thread for `vms`. `ksm` is this process's part in steering the host's
+    /// KSM, when it has one: as owner it steers; waiting, it takes over when the owner leaves.
     pub fn start(
         vms: Vec<MergeVm>,
-        owner: Option<Arc<KsmOwner>>,
+        ksm: Option<Arc<KsmHold>>,
         opts: Options,
     ) -> std::io::Result<MergeThread> {
         let status = Arc::new(Mutex::new(Status::default()));
@@ -139,10 +152,10 @@ impl MergeThread {
         let thread = std::thread::Builder::new()
             .name("kvmerge-merge".into())
             .spawn(move || {
-                let mut worker = Worker::new(vms, owner, opts);
+                let mut worker = Worker::new(vms, ksm, opts);
                 loop {
                     worker.tick();
-                    *published.lock().unwrap_or_else(|p| p.into_inner()) = worker.status.clone();
+                    *lock(&published) = worker.status.clone();
                     match stop_rx.recv_timeout(worker.opts.tick) {
                         Err(RecvTimeoutError::Timeout) => continue,
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
@@ -151,7 +164,7 @@ impl MergeThread {
                 // A last look for the summary.
                 worker.sample_vcpus();
                 worker.account();
-                *published.lock().unwrap_or_else(|p| p.into_inner()) = worker.status.clone();
+                *lock(&published) = worker.status.clone();
             })?;
         Ok(MergeThread {
             thread: Some(thread),
@@ -162,10 +175,7 @@ impl MergeThread {
 
     /// The latest published figures.
     pub fn status(&self) -> Status {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.status).clone()
     }
 
     /// Stops the thread and returns its final figures.
@@ -205,11 +215,15 @@ struct VmState {
     vcpus: u32,
     /// Share of its vCPUs' time the guest ran during the last tick (None on its first tick).
     busy: Option<f64>,
+    /// Pages the guest has used, to tell which reclaimed pages are still given back.
+    touched: Touched,
+    /// Of those, not resident at the last accounting.
+    unbacked: u64,
 }
 
 struct Worker {
     vms: Vec<VmState>,
-    owner: Option<Arc<KsmOwner>>,
+    ksm: Option<Arc<KsmHold>>,
     sysfs: KsmSysfs,
     policy: Policy,
     opts: Options,
@@ -217,7 +231,6 @@ struct Worker {
     started: Instant,
     ticks: u64,
     prev: Option<Sample>,
-    applied: Option<Knobs>,
     pauses: Vec<Duration>,
     total_pauses: u64,
     scanned_pages: u64,
@@ -236,9 +249,9 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(vms: Vec<MergeVm>, owner: Option<Arc<KsmOwner>>, opts: Options) -> Worker {
+    fn new(vms: Vec<MergeVm>, ksm: Option<Arc<KsmHold>>, opts: Options) -> Worker {
         let status = Status {
-            ksm_owned: owner.is_some(),
+            ksm_owned: ksm.as_ref().is_some_and(|k| k.owner().is_some()),
             ..Status::default()
         };
         Worker {
@@ -255,9 +268,11 @@ impl Worker {
                     running: false,
                     vcpus: 0,
                     busy: None,
+                    touched: Touched::new(),
+                    unbacked: 0,
                 })
                 .collect(),
-            owner,
+            ksm,
             sysfs: KsmSysfs::host(),
             policy: Policy::new(
                 opts.policy,
@@ -271,7 +286,6 @@ impl Worker {
             started: Instant::now(),
             ticks: 0,
             prev: None,
-            applied: None,
             pauses: Vec::new(),
             total_pauses: 0,
             scanned_pages: 0,
@@ -296,6 +310,8 @@ impl Worker {
             .idle_cpus()
             .map(|idle| idle + self.status.merge_thread_cpu_pct / 100.0);
         self.status.host_headroom_cpus = self.headroom;
+        // Pages resident now may be reclaimed below: mark them used first.
+        self.observe_residency();
         self.reclaim_zero_pages();
         if self.ticks % u64::from(self.opts.account_every.max(1)) == 1 || self.ticks == 1 {
             self.account();
@@ -304,7 +320,8 @@ impl Worker {
         if self.inject_panic && self.ticks == 3 {
             panic!("injected panic (KVMERGE_INJECT_PANIC=merge-thread)");
         }
-        let cpu = thread_cpu_time();
+        // SAFETY: gettid has no preconditions.
+        let cpu = procfs::thread_cpu_time(unsafe { libc::gettid() }).unwrap_or_default();
         self.status.merge_thread_cpu_pct = 100.0
             * (cpu.saturating_sub(self.cpu_at_last_tick)).as_secs_f64()
             / self.opts.tick.as_secs_f64();
@@ -324,7 +341,10 @@ impl Worker {
             }
             let tids = state.vm.control.vcpu_tids();
             state.vcpus = tids.len() as u32;
-            let cpu: Duration = tids.iter().filter_map(|&t| ksm::thread_cpu_time(t)).sum();
+            let cpu: Duration = tids
+                .iter()
+                .filter_map(|&t| procfs::thread_cpu_time(t))
+                .sum();
             let delta = state
                 .vcpu_cpu
                 .replace(cpu)
@@ -395,7 +415,25 @@ impl Worker {
         self.status.zero_scan_s = self.scan_time.as_secs_f64();
     }
 
+    /// Marks resident guest pages used and counts used pages given back, for VMs with zero-page
+    /// reclaim (elsewhere nothing gives pages back).
+    fn observe_residency(&mut self) {
+        for state in &mut self.vms {
+            if state.vm.dedup == DedupMode::Off {
+                continue;
+            }
+            let (base, len) = state.vm.ram.host_range();
+            // SAFETY: the VM's guest RAM mapping, kept alive by the `Arc<GuestRam>` we hold; the
+            // same range on every call.
+            match unsafe { state.touched.observe(base, len) } {
+                Ok(unbacked) => state.unbacked = unbacked,
+                Err(e) => log::debug!("{}: mincore on guest RAM failed: {e}", state.vm.name),
+            }
+        }
+    }
+
     fn account(&mut self) {
+        self.observe_residency();
         let ranges: Vec<VmRange> = self
             .vms
             .iter()
@@ -425,7 +463,7 @@ impl Worker {
             let running = state.running;
             s.vms_running += usize::from(running);
             let len = state.vm.ram.host_range().1 as u64;
-            s.guest_ram_mib += accounting::mib(len / accounting::PAGE_SIZE);
+            s.guest_ram_mib += accounting::mib(len / PAGE_SIZE);
             let usage = self
                 .last_snapshot
                 .as_ref()
@@ -440,30 +478,38 @@ impl Worker {
                 zero_mib: accounting::mib(usage.zero),
                 unique_mib: accounting::mib(usage.unique),
                 shared_with_other_vms_mib: accounting::mib(usage.shared_with_other_vms),
+                saved_mib: 0.0,
+                zero_unbacked_mib: accounting::mib(state.unbacked),
                 zero_reclaimed_mib: accounting::mib(state.reclaimed),
             });
         }
-        if let Some(snap) = &self.last_snapshot {
-            let t = snap.total;
-            s.resident_mib = accounting::mib(t.resident);
-            s.ksm_mib = accounting::mib(t.ksm);
-            s.zero_mib = accounting::mib(t.zero);
-            s.unique_mib = accounting::mib(t.unique);
-            s.shared_with_other_vms_mib = accounting::mib(t.shared_with_other_vms);
-            s.accounting = match snap.source {
-                accounting::Source::Pagemap => "pagemap",
-                accounting::Source::Smaps => "smaps",
-            };
-            // Pages the guests map minus frames the host spends on them (zero pages included),
-            // plus pages given back by zero-page reclaim. Without page-frame access (not root),
-            // the host-wide KSM figure stands in for the first part.
-            let reclaimed: u64 = self.vms.iter().map(|v| v.reclaimed).sum();
-            let merged = snap
-                .saved()
-                .unwrap_or(self.last_counters.pages_sharing + self.last_counters.ksm_zero_pages);
-            s.saved_mib = accounting::mib(merged + reclaimed);
-        }
+        let unbacked: u64 = self.vms.iter().map(|v| v.unbacked).sum();
+        s.zero_unbacked_mib = accounting::mib(unbacked);
         s.zero_reclaimed_mib = accounting::mib(self.vms.iter().map(|v| v.reclaimed).sum());
+        let Some(snap) = &self.last_snapshot else {
+            return;
+        };
+        let t = snap.total;
+        s.resident_mib = accounting::mib(t.resident);
+        s.ksm_mib = accounting::mib(t.ksm);
+        s.zero_mib = accounting::mib(t.zero);
+        s.unique_mib = accounting::mib(t.unique);
+        s.shared_with_other_vms_mib = accounting::mib(t.shared_with_other_vms);
+        s.accounting = match snap.source {
+            accounting::Source::Pagemap => "pagemap",
+            accounting::Source::Smaps => "smaps",
+        };
+        let ksm_saved = ksm_saved_pages(snap, &self.last_counters);
+        s.saved_mib = accounting::mib(ksm_saved + t.zero + unbacked);
+        for (vm, usage) in s.vms.iter_mut().zip(&snap.per_vm) {
+            // KSM's saving is the fleet's; each VM gets the share of its KSM-mapped pages.
+            let ksm_share = if t.ksm == 0 {
+                0.0
+            } else {
+                accounting::mib(usage.ksm) * ksm_saved as f64 / t.ksm as f64
+            };
+            vm.saved_mib = ksm_share + accounting::mib(usage.zero) + vm.zero_unbacked_mib;
+        }
     }
 
     fn steer_ksm(&mut self) {
@@ -473,7 +519,7 @@ impl Worker {
             at: self.started.elapsed(),
             vcpu_cpu: self.vcpu_cpu_total,
             vcpus: self.vms.iter().map(|v| v.vcpus).sum(),
-            ksmd_cpu: ksm::ksmd_cpu_time().unwrap_or_default(),
+            ksmd_cpu: procfs::ksmd_cpu_time().unwrap_or_default(),
             mergeable_pages: self.mergeable_pages(),
             pages_shared: counters.pages_shared,
             pages_sharing: counters.pages_sharing,
@@ -492,20 +538,26 @@ impl Worker {
         self.status.ksmd_cpu_s = sample.ksmd_cpu.as_secs_f64();
         self.status.pages_shared = counters.pages_shared;
         self.status.pages_sharing = counters.pages_sharing;
-        if let (Some(owner), Some(knobs)) = (&self.owner, self.policy.decide(&sample)) {
-            if self.applied != Some(knobs) {
+        // A waiting process takes over here when the owner has left.
+        let owner = self.ksm.as_ref().and_then(|k| k.owner_or_take_over());
+        if owner.is_some() && !self.status.ksm_owned {
+            // Newly the owner: the next decision is applied in full.
+            self.policy.invalidate();
+        }
+        self.status.ksm_owned = owner.is_some();
+        if let Some(owner) = &owner {
+            if let Some(knobs) = self.policy.decide(&sample) {
                 if let Err(e) = apply(owner, knobs) {
                     log::warn!("cannot set KSM knobs: {e}");
                     // Ask again next tick, and keep the policy's cost model honest.
                     self.policy.invalidate();
-                } else {
-                    self.applied = Some(knobs);
                 }
             }
         }
         self.status.policy_phase = format!("{:?}", self.policy.phase()).to_lowercase();
-        self.status.pages_to_scan = self.applied.map(|k| k.pages_to_scan);
-        self.status.sleep_millisecs = self.applied.map(|k| k.sleep_millisecs);
+        let applied = self.policy.applied().filter(|_| owner.is_some());
+        self.status.pages_to_scan = applied.map(|k| k.pages_to_scan);
+        self.status.sleep_millisecs = applied.map(|k| k.sleep_millisecs);
         self.prev = Some(sample);
     }
 
@@ -529,23 +581,24 @@ fn apply(owner: &KsmOwner, knobs: Knobs) -> ksm::Result<()> {
     owner.set(Knob::Run, if knobs.run { "1" } else { "0" })
 }
 
+/// Pages KSM saves the fleet now, at most its KSM-mapped pages: with page frames (root), resident
+/// pages minus the frames backing them, zero-page mappings taken out; otherwise the host-wide
+/// `pages_sharing`, which may include other processes' merging, capped by the fleet's KSM pages.
+fn ksm_saved_pages(snap: &Snapshot, host: &Counters) -> u64 {
+    let t = snap.total;
+    let saved = match snap.saved() {
+        Some(saved) => saved.saturating_sub(t.zero),
+        None => host.pages_sharing,
+    };
+    saved.min(t.ksm)
+}
+
 fn dedup_name(mode: DedupMode) -> &'static str {
     match mode {
         DedupMode::Full => "full",
         DedupMode::Zero => "zero",
         DedupMode::Off => "off",
     }
-}
-
-/// CPU time of the calling thread.
-fn thread_cpu_time() -> Duration {
-    // SAFETY: timespec is plain data filled by clock_gettime.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid clock id and a valid out pointer.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Whether this tick may hold guests for reclaim: when the host can spare the CPU, or when reclaim
@@ -556,17 +609,6 @@ fn may_reclaim(idle_cpus: Option<f64>, deferred_in_a_row: u32) -> bool {
     deferred_in_a_row >= ZERO_MAX_DEFER_TICKS
         || idle_cpus.is_none_or(|idle| idle >= ZERO_HEADROOM_CPUS)
 }
-
-/// The knobs kvmerge touches when it owns KSM.
-pub const OWNED_KNOBS: &[Knob] = &[
-    Knob::Run,
-    Knob::PagesToScan,
-    Knob::SleepMillisecs,
-    Knob::UseZeroPages,
-    Knob::SmartScan,
-    // The kernel's advisor overrides pages_to_scan: kvmerge turns it off while it steers.
-    Knob::AdvisorMode,
-];
 
 #[cfg(test)]
 mod tests {
@@ -581,5 +623,34 @@ mod tests {
         assert!(!may_reclaim(Some(0.0), ZERO_MAX_DEFER_TICKS - 1));
         // A host that stays busy still gets reclaim after a bounded wait.
         assert!(may_reclaim(Some(0.0), ZERO_MAX_DEFER_TICKS));
+    }
+
+    #[test]
+    fn ksm_saving_is_never_more_than_the_fleets_ksm_pages() {
+        let total = accounting::Usage {
+            resident: 1000,
+            ksm: 600,
+            zero: 100,
+            unique: 300,
+            shared_with_other_vms: 0,
+        };
+        let snap = |frames: Option<u64>| Snapshot {
+            source: accounting::Source::Pagemap,
+            per_vm: vec![total],
+            total,
+            distinct_frames: frames,
+            frames_mapped_elsewhere: None,
+            estimated: vec![false],
+            taken_in: Duration::ZERO,
+        };
+        let host = |sharing| Counters {
+            pages_sharing: sharing,
+            ..Counters::default()
+        };
+        // 600 KSM mappings on 20 frames, 300 unique frames: 580 saved; zero pages apart.
+        assert_eq!(ksm_saved_pages(&snap(Some(320)), &host(0)), 580);
+        // Without frames, the host-wide figure (other processes included) is capped.
+        assert_eq!(ksm_saved_pages(&snap(None), &host(10_000)), 600);
+        assert_eq!(ksm_saved_pages(&snap(None), &host(42)), 42);
     }
 }

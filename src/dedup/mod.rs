@@ -6,5 +6,7 @@ pub mod cpu;
 pub mod ksm;
 pub mod merge;
 pub mod policy;
+pub mod procfs;
 pub mod report;
+pub mod touched;
 pub mod zero;

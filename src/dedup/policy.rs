@@ -385,6 +385,11 @@ impl Policy {
         Some(knobs)
     }
 
+    /// The settings returned last (and not invalidated since): what the caller applied.
+    pub fn applied(&self) -> Option<Knobs> {
+        self.applied
+    }
+
     /// Forget what was returned last, so the next [`decide`](Self::decide) returns the full
     /// settings again: for when applying them failed or someone else rewrote them.
     pub fn invalidate(&mut self) {
