@@ -33,10 +33,10 @@
 //! owns its VcpuFd and cleared by a drop guard, also when the thread unwinds), so a vCPU inside
 //! KVM_RUN returns with EINTR and one about to enter returns at once. A kick carries no meaning:
 //! the kicked thread looks at the gate (holds, commands) afterwards. Kicks are sent when a hold
-//! finds a vCPU inside and when a command is posted, and sent again every [`KICK_RESEND`] while a
-//! hold or an acknowledgement is awaited: a failed `pthread_kill` (EAGAIN when the real-time
-//! signal queue is full) or a kick that lands between a vCPU's checks costs one re-send, not the
-//! wait.
+//! finds a vCPU inside and when a command is posted, and sent again while a hold or an
+//! acknowledgement is awaited ([`KICK_RESEND`], doubling up to [`MAX_KICK_RESEND`]): a failed
+//! `pthread_kill` (EAGAIN when the real-time signal queue is full) or a kick that lands between
+//! a vCPU's checks costs one re-send, not the wait.
 //!
 //! **Timeouts.** A hold that cannot get every vCPU out within its timeout releases itself and
 //! fails ([`Error::NoHold`]): the caller skips its work. A missing acknowledgement fails the wait
@@ -78,6 +78,18 @@ use crate::vm::VmShared;
 const IDLE_SLICE: Duration = Duration::from_millis(10);
 /// How often a kick is sent again while a hold or an acknowledgement is awaited.
 pub const KICK_RESEND: Duration = Duration::from_millis(2);
+/// Longest wait between two re-sent kicks.
+pub const MAX_KICK_RESEND: Duration = Duration::from_millis(32);
+
+/// The wait before re-send number `n` (0-based): [`KICK_RESEND`], doubling up to
+/// [`MAX_KICK_RESEND`]. Kicks are real-time signals, which queue: a vCPU thread that waits long
+/// for a CPU should not find hundreds of them pending.
+fn resend_after(n: u32) -> Duration {
+    KICK_RESEND
+        .saturating_mul(1 << n.min(8))
+        .min(MAX_KICK_RESEND)
+}
+
 /// When a hold first sends a kick again (and treats the vCPUs still inside as stragglers).
 pub const FIRST_RESEND: Duration = Duration::from_micros(100);
 
@@ -355,7 +367,7 @@ impl Gate {
     }
 
     /// Holds every vCPU out of the guest until the returned guard drops (also on a panic):
-    /// raises a hold, kicks the vCPUs inside (again every [`KICK_RESEND`]) and waits until none
+    /// raises a hold, kicks the vCPUs inside (and again, see [`resend_after`]) and waits until none
     /// is. On error the hold is already released. Holds may overlap (they count).
     pub fn hold(&self, kick: impl FnMut(usize), timeout: Duration) -> Result<Held<'_>> {
         self.raise();
@@ -412,7 +424,7 @@ impl Gate {
                     + if round == 0 {
                         FIRST_RESEND
                     } else {
-                        KICK_RESEND
+                        resend_after(round - 1)
                     };
                 round += 1;
             }
@@ -447,7 +459,7 @@ impl Gate {
     }
 
     /// Waits until vCPU `index` has acknowledged command `seq` (or a later one), calling `kick`
-    /// every [`KICK_RESEND`]. A vCPU whose thread has ended counts as Exited.
+    /// again and again (see [`resend_after`]). A vCPU whose thread has ended counts as Exited.
     pub(crate) fn wait_ack(
         &self,
         index: usize,
@@ -455,6 +467,8 @@ impl Gate {
         deadline: Instant,
         mut kick: impl FnMut(),
     ) -> std::result::Result<State, ()> {
+        let mut resends = 0;
+        let mut next_kick = Instant::now() + resend_after(resends);
         loop {
             {
                 let mail = self.lock();
@@ -469,10 +483,15 @@ impl Gate {
                 if now >= deadline {
                     return Err(());
                 }
-                drop(self.wait_until(mail, (now + KICK_RESEND).min(deadline)));
+                if now < next_kick {
+                    drop(self.wait_until(mail, next_kick.min(deadline)));
+                    continue;
+                }
             }
             // Not acknowledged yet: the kick may have been lost; send it again.
             kick();
+            resends += 1;
+            next_kick = Instant::now() + resend_after(resends);
         }
     }
 
@@ -989,6 +1008,13 @@ mod tests {
             gate.hold(|_| panic!("nobody is inside"), Duration::from_millis(50))
                 .unwrap(),
         );
+    }
+
+    #[test]
+    fn re_sends_back_off() {
+        assert_eq!(resend_after(0), KICK_RESEND);
+        assert_eq!(resend_after(1), KICK_RESEND * 2);
+        assert_eq!(resend_after(30), MAX_KICK_RESEND);
     }
 
     #[test]
