@@ -15,6 +15,7 @@ pub mod kvm;
 pub mod loader;
 pub mod memory;
 pub mod runner;
+pub mod seccomp;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;

@@ -26,6 +26,7 @@ use crate::dedup::report;
 use crate::kvm::{self, Flavor, Host};
 use crate::loader::{self, InitrdImage, KernelImage};
 use crate::memory;
+use crate::seccomp::{self, ThreadKind};
 use crate::terminal::{EscapeDecoder, Input, RawMode};
 use crate::vcpu::VmEnd;
 use crate::vm::{self, BootSources, Vm, VmIo};
@@ -78,6 +79,8 @@ pub enum Error {
     },
     #[error("cannot set up the control loop: {0}")]
     Control(String),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::Error),
 }
 
 impl Error {
@@ -96,7 +99,7 @@ impl Error {
                 source,
                 vm::Error::Loader(_) | vm::Error::Memory(crate::memory::Error::Map { .. })
             ),
-            Error::Control(_) | Error::Memory(_) => false,
+            Error::Control(_) | Error::Memory(_) | Error::Seccomp(_) => false,
         }
     }
 }
@@ -145,13 +148,17 @@ pub struct Report {
     pub signal: Option<i32>,
     /// The merge thread's final figures.
     pub dedup: Option<merge::Status>,
+    /// A thread made a system call its seccomp filter forbids; the run was stopped.
+    pub seccomp_blocked: bool,
 }
 
 impl Report {
-    /// 0 when every guest succeeded; 124 on timeout; 128+N on signal N (Ctrl-A x on the console
-    /// counts as SIGINT); 1 otherwise.
+    /// 0 when every guest succeeded; 159 after a seccomp violation; 124 on timeout; 128+N on
+    /// signal N (Ctrl-A x on the console counts as SIGINT); 1 otherwise.
     pub fn exit_code(&self) -> i32 {
-        if self.timed_out {
+        if self.seccomp_blocked {
+            i32::from(seccomp::EXIT_STATUS)
+        } else if self.timed_out {
             124
         } else if let Some(sig) = self.signal {
             128 + sig
@@ -240,6 +247,8 @@ fn console_for(cfg: &Config, index: usize, expect: Option<Expect>) -> Result<Con
 /// Runs the fleet described by `cfg` to its end.
 pub fn run(cfg: &Config) -> Result<Report> {
     let pre = preflight(cfg)?;
+    // Before any thread starts: vCPU and merge threads install their filters as they start.
+    let seccomp_events = seccomp::prepare(cfg.seccomp)?;
     if let ConsoleMode::Dir(dir) = &cfg.console {
         std::fs::create_dir_all(dir).map_err(|source| Error::ConsoleDir {
             path: dir.display().to_string(),
@@ -291,6 +300,12 @@ pub fn run(cfg: &Config) -> Result<Report> {
     };
     let interactive = cfg.interactive && _raw.is_some();
 
+    // This thread's own filter, before any guest code runs; threads it starts from now on
+    // (merge thread, teardown workers) inherit it under their own.
+    if let Err(e) = seccomp::install(ThreadKind::Control) {
+        teardown(vms);
+        return Err(e.into());
+    }
     for vm in &mut vms {
         if let Err(source) = vm.resume() {
             let index = vm.index();
@@ -342,6 +357,8 @@ pub fn run(cfg: &Config) -> Result<Report> {
         stats,
         stats_timer: None,
         status_line: cfg.status_line,
+        seccomp_events,
+        seccomp_blocked: false,
     }));
     if cfg.status_line || cfg.stats.is_some() {
         let mut timer = TimerFd::new().map_err(|e| Error::Control(e.to_string()))?;
@@ -366,6 +383,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
             stop_all(&mut c.vms, VmEnd::Vmm("control loop failed".into()));
             return Err(Error::Control(format!("{e:?}")));
         }
+        seccomp::injection_point();
     }
 
     let mut c = lock(&control);
@@ -373,6 +391,12 @@ pub fn run(cfg: &Config) -> Result<Report> {
     // Guests have stopped but their RAM is still mapped: the merge thread's last accounting sees
     // what they ended with.
     let dedup = c.merge.take().map(MergeThread::stop);
+    if seccomp::parked(ThreadKind::Merge) {
+        // The parked merge thread keeps its reference to the KSM owner: restore explicitly.
+        if let Some(Err(e)) = ksm_owner.as_ref().map(|owner| owner.restore()) {
+            log::error!("host KSM knobs: {e}");
+        }
+    }
     if let Some(status) = &dedup {
         if c.status_line {
             eprintln!();
@@ -410,6 +434,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
         timed_out: c.timed_out,
         signal: c.signal,
         dedup,
+        seccomp_blocked: c.seccomp_blocked,
     })
 }
 
@@ -611,6 +636,7 @@ const EV_TIMER: u32 = 3;
 const EV_STDIN: u32 = 4;
 const EV_INPUT_DRAINED: u32 = 5;
 const EV_STATS: u32 = 6;
+const EV_SECCOMP: u32 = 7;
 
 struct Control {
     vms: Vec<Vm>,
@@ -630,6 +656,9 @@ struct Control {
     stats: Option<StatsFile>,
     stats_timer: Option<TimerFd>,
     status_line: bool,
+    /// Written by the SIGSYS handler when a thread's seccomp filter stopped it.
+    seccomp_events: Option<std::os::fd::RawFd>,
+    seccomp_blocked: bool,
 }
 
 impl Control {
@@ -750,6 +779,9 @@ impl MutEventSubscriber for Control {
         if self.stdin {
             add(libc::STDIN_FILENO, EV_STDIN);
         }
+        if let Some(fd) = self.seccomp_events {
+            add(fd, EV_SECCOMP);
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -779,6 +811,13 @@ impl MutEventSubscriber for Control {
                     let _ = timer.wait();
                 }
                 self.on_stats_tick();
+            }
+            EV_SECCOMP => {
+                // The handler said which thread and call; the guests stop, host state is restored.
+                let _ = ops.remove(events);
+                self.seccomp_blocked = true;
+                let why = "a kvmerge thread was stopped by its seccomp filter";
+                stop_all(&mut self.vms, VmEnd::Vmm(why.into()));
             }
             EV_INPUT_DRAINED => {
                 let _ = self.input_drained.read();

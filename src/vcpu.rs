@@ -271,6 +271,10 @@ impl VcpuHandle {
         let thread = std::thread::Builder::new()
             .name(format!("{}-vcpu{index}", vm.name()))
             .spawn(move || {
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                    vm.end(VmEnd::Vmm(e.to_string()));
+                    return;
+                }
                 // SAFETY: gettid has no preconditions.
                 thread_tid.store(unsafe { libc::gettid() }, Ordering::Release);
                 VcpuThread {
@@ -387,6 +391,7 @@ impl VcpuThread {
                 self.ended = true;
                 state = State::Paused;
             }
+            crate::seccomp::injection_point();
         }
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
     }
