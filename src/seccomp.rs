@@ -4,13 +4,14 @@
 //! | --- | --- | --- |
 //! | [`ThreadKind::Vcpu`] | one per guest vCPU | `KVM_RUN`, write (console, eventfds), futex, memory |
 //! | [`ThreadKind::Merge`] | the merge thread | read /proc and sysfs, write KSM knobs and the host-state journal, `madvise` guest RAM |
-//! | [`ThreadKind::Io`] | I/O workers (console writers, pressure monitors) | read, write and poll the descriptors they were handed |
-//! | [`ThreadKind::Control`] | the thread that called [`crate::runner::run`] | the control loop, teardown, restoring host state; a superset of Merge and Io |
+//! | [`ThreadKind::Io`] | I/O workers (console writers) | read, write and poll the descriptors they were handed |
+//! | [`ThreadKind::Monitor`] | the memory-pressure guard | read /proc, sysfs and cgroup files, poll PSI triggers, stop guests |
+//! | [`ThreadKind::Control`] | the thread that called [`crate::runner::run`] | the control loop, teardown, restoring host state; a superset of the others but vCPU |
 //!
 //! Every thread installs its filter as its first statement; the control thread installs its own
 //! after the fleet is built and before any guest runs. A thread started after that inherits the
 //! control filter, and its own filter stacks on top (the kernel applies the strictest answer), so
-//! the control kind allows everything the merge and I/O kinds do. Threads that run before the
+//! the control kind allows everything the merge, I/O and monitor kinds do. Threads that run before the
 //! control filter and never run guest code (the fleet builders) need none; teardown workers run
 //! under the inherited control filter, since they do part of the control thread's job.
 //!
@@ -32,7 +33,7 @@
 //! there that opens files is a panic's hook and backtrace, which then fail cleanly and let the
 //! panic be reported.
 //!
-//! Test hook: `KVMERGE_INJECT_SYSCALL=vcpu|merge|control|io` makes one thread of that kind call
+//! Test hook: `KVMERGE_INJECT_SYSCALL=vcpu|merge|control|io|monitor` makes one thread of that kind call
 //! `socket(2)` (outside every allowlist) at its first injection point after the merge thread's
 //! third tick, when KSM is steered.
 
@@ -103,16 +104,20 @@ pub enum ThreadKind {
     Vcpu,
     /// The merge thread.
     Merge,
-    /// An I/O worker: moves bytes between descriptors it was handed (console writers) or waits on
-    /// them (pressure monitors); opens nothing.
+    /// An I/O worker: moves bytes between descriptors it was handed (console writers); opens
+    /// nothing.
     Io,
+    /// A watcher of host state (the memory-pressure guard): reads /proc, sysfs and cgroup files,
+    /// waits on PSI triggers, measures and stops guests.
+    Monitor,
 }
 
-const KINDS: [ThreadKind; 4] = [
+const KINDS: [ThreadKind; 5] = [
     ThreadKind::Control,
     ThreadKind::Vcpu,
     ThreadKind::Merge,
     ThreadKind::Io,
+    ThreadKind::Monitor,
 ];
 
 impl ThreadKind {
@@ -122,6 +127,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Merge => "merge",
             ThreadKind::Io => "io",
+            ThreadKind::Monitor => "monitor",
         }
     }
 
@@ -132,6 +138,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => 2,
             ThreadKind::Merge => 3,
             ThreadKind::Io => 4,
+            ThreadKind::Monitor => 5,
         }
     }
 
@@ -166,7 +173,7 @@ static MERGE_PASSES: AtomicU32 = AtomicU32::new(0);
 static INJECTED: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
-    /// This thread's kind (its code), 0 when it installed none. Const-initialised and without
+    /// This thread's kind (its code), 0 when it called no [`install`]. Const-initialised and without
     /// destructor, so the SIGSYS handler may read it.
     static KIND: Cell<u8> = const { Cell::new(0) };
     /// Whether this thread is the one `KVMERGE_INJECT_SYSCALL` names.
@@ -212,6 +219,7 @@ pub fn prepare(mode: SeccompMode) -> Result<Option<RawFd>> {
 /// Installs the calling thread's filter for the mode [`prepare`] set (nothing when it was not
 /// called, or `off`). Call it as the thread's first statement; it cannot be undone.
 pub fn install(kind: ThreadKind) -> Result<()> {
+    KIND.with(|c| c.set(kind.code()));
     INJECT.with(|c| c.set(injection_wanted(kind)));
     if MODE.load(Ordering::SeqCst) == MODE_OFF {
         return Ok(());
@@ -220,7 +228,6 @@ pub fn install(kind: ThreadKind) -> Result<()> {
     let Some(programs) = programs else {
         return Ok(());
     };
-    KIND.with(|c| c.set(kind.code()));
     let (_, list) = programs
         .per_kind
         .iter()
@@ -268,6 +275,8 @@ pub fn injection_point() {
         // SAFETY: closing the descriptor just created.
         unsafe { libc::close(fd) };
     }
+    let name = ThreadKind::from_code(kind).map_or("", ThreadKind::name);
+    log::warn!("KVMERGE_INJECT_SYSCALL: socket(2) from the {name} thread was allowed");
 }
 
 fn injection_wanted(kind: ThreadKind) -> bool {
@@ -423,10 +432,12 @@ fn vcpu_rules(pid: u32) -> Rules {
     r
 }
 
-fn merge_rules(pid: u32) -> Rules {
+/// Threads that watch the host and the guests' memory: the merge thread and the pressure guard.
+fn monitor_rules(pid: u32) -> Rules {
     let mut r = runtime(pid);
     r.allow(&[
-        // /proc (pagemap, kpageflags, kpagecount, smaps, stat, task stats) and sysfs KSM knobs.
+        // /proc (pagemap, kpageflags, kpagecount, smaps, stat, meminfo, pressure), sysfs (KSM)
+        // and cgroup files (memory.max, memory.events).
         libc::SYS_openat,
         libc::SYS_read,
         libc::SYS_pread64,
@@ -436,9 +447,34 @@ fn merge_rules(pid: u32) -> Rules {
         libc::SYS_fstat,
         // Finding ksmd in /proc.
         libc::SYS_getdents64,
+        // Which pages of guest RAM are resident (zero-page scan, choosing a guest to stop).
+        libc::SYS_mincore,
         // std::thread::available_parallelism.
         libc::SYS_sched_getaffinity,
-        // The host-state journal under /run/kvmerge: written, synced, renamed into place, locked.
+        // Free memory, and PSI triggers waited on with poll or epoll.
+        libc::SYS_sysinfo,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        // Whether this process runs as root (may steer KSM, may raise priorities).
+        libc::SYS_getuid,
+        libc::SYS_geteuid,
+        // The pressure guard raises its own priority so that it runs when every core is busy.
+        libc::SYS_setpriority,
+        // A panic's backtrace finds the executable through /proc/self/exe.
+        libc::SYS_readlink,
+    ]);
+    r
+}
+
+fn merge_rules(pid: u32) -> Rules {
+    let mut r = monitor_rules(pid);
+    r.allow(&[
+        // The host-state journal under /run/kvmerge: written, synced, renamed into place, locked,
+        // its directory private to root.
         libc::SYS_flock,
         libc::SYS_fsync,
         libc::SYS_fdatasync,
@@ -450,19 +486,14 @@ fn merge_rules(pid: u32) -> Rules {
         libc::SYS_unlinkat,
         libc::SYS_mkdir,
         libc::SYS_mkdirat,
-        // Memory pressure: free memory, and PSI triggers waited on with poll or epoll.
-        libc::SYS_sysinfo,
-        libc::SYS_poll,
-        libc::SYS_ppoll,
-        libc::SYS_epoll_create1,
-        libc::SYS_epoll_ctl,
-        libc::SYS_epoll_wait,
-        libc::SYS_epoll_pwait,
-        // Whether the process that owns KSM runs as root.
-        libc::SYS_getuid,
-        libc::SYS_geteuid,
-        // A panic's backtrace finds the executable through /proc/self/exe.
-        libc::SYS_readlink,
+        libc::SYS_chmod,
+        libc::SYS_fchmod,
+        libc::SYS_fchmodat,
+        // A zero-page hold runs the merge thread, and vCPUs slow to leave the guest, at
+        // SCHED_FIFO for its duration.
+        libc::SYS_sched_getscheduler,
+        libc::SYS_sched_getparam,
+        libc::SYS_sched_setscheduler,
     ]);
     // kill(pid, 0): whether the previous owner of the host's KSM knobs is still alive.
     r.allow_arg(libc::SYS_kill, 1, &[0]);
@@ -551,6 +582,7 @@ fn rules(kind: ThreadKind, pid: u32) -> Rules {
         ThreadKind::Vcpu => vcpu_rules(pid),
         ThreadKind::Merge => merge_rules(pid),
         ThreadKind::Io => io_rules(pid),
+        ThreadKind::Monitor => monitor_rules(pid),
     }
 }
 
@@ -559,7 +591,7 @@ fn refused(kind: ThreadKind) -> Option<(u32, &'static [libc::c_long])> {
     match kind {
         ThreadKind::Control => Some((libc::ENOSYS as u32, &[libc::SYS_clone3])),
         ThreadKind::Vcpu | ThreadKind::Io => Some((libc::EPERM as u32, NO_FILES)),
-        ThreadKind::Merge => None,
+        ThreadKind::Merge | ThreadKind::Monitor => None,
     }
 }
 
@@ -578,15 +610,16 @@ fn compile(kind: ThreadKind, mode: SeccompMode, pid: u32) -> Result<Vec<BpfProgr
     } else {
         SeccompAction::Log
     };
-    if mode == SeccompMode::Kill {
-        if let Some((errno, nrs)) = refused(kind) {
+    if let Some((errno, nrs)) = refused(kind) {
+        // Under `kill`, refused by a filter of their own; the allowlist must not trap them.
+        // Under `log`, allowed without a log line: they are expected calls, not violations.
+        allowed.allow(nrs);
+        if mode == SeccompMode::Kill {
             let map = nrs.iter().map(|&nr| (nr, Vec::new())).collect();
             let filter =
                 SeccompFilter::new(map, SeccompAction::Allow, SeccompAction::Errno(errno), arch)
                     .map_err(build_err)?;
             programs.push(BpfProgram::try_from(filter).map_err(build_err)?);
-            // Seen by the refusal filter first; the allowlist must not trap them.
-            allowed.allow(nrs);
         }
     }
     let filter =
@@ -770,7 +803,7 @@ mod tests {
     #[test]
     fn control_allows_what_the_threads_it_starts_allow() {
         let control = rules(ThreadKind::Control, 1);
-        for kind in [ThreadKind::Merge, ThreadKind::Io] {
+        for kind in [ThreadKind::Merge, ThreadKind::Io, ThreadKind::Monitor] {
             for (nr, rules) in &rules(kind, 1).0 {
                 let Some(mine) = control.0.get(nr) else {
                     panic!("{kind:?} allows {} but control does not", syscall_name(*nr));
