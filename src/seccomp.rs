@@ -423,6 +423,7 @@ const NO_FILES: &[libc::c_long] = &[
     libc::SYS_openat,
     libc::SYS_readlink,
     libc::SYS_readlinkat,
+    libc::SYS_getcwd,
 ];
 
 fn vcpu_rules(pid: u32) -> Rules {
@@ -464,8 +465,10 @@ fn monitor_rules(pid: u32) -> Rules {
         libc::SYS_geteuid,
         // The pressure guard raises its own priority so that it runs when every core is busy.
         libc::SYS_setpriority,
-        // A panic's backtrace finds the executable through /proc/self/exe.
+        // A panic's backtrace finds the executable through /proc/self/exe and shortens paths
+        // relative to the working directory.
         libc::SYS_readlink,
+        libc::SYS_getcwd,
     ]);
     r
 }
@@ -873,6 +876,20 @@ mod tests {
         });
         assert_eq!(opened, Some(libc::EPERM), "opening a file is refused");
         assert_eq!(evt.read().unwrap(), 7);
+    }
+
+    /// A panic (hook, backtrace, unwinding) stays inside every kind's allowlist: a panicking
+    /// thread is reported as a panic, not as a seccomp violation.
+    #[test]
+    fn a_panic_with_a_backtrace_stays_inside_every_allowlist() {
+        for kind in KINDS {
+            let caught = under_filter(kind, SeccompMode::Kill, || {
+                let trace = std::backtrace::Backtrace::force_capture().to_string();
+                let panicked = std::panic::catch_unwind(|| panic!("injected")).is_err();
+                (panicked, trace.is_empty())
+            });
+            assert_eq!(caught, (true, false), "{kind:?}");
+        }
     }
 
     #[test]
