@@ -9,6 +9,7 @@ use regex::Regex;
 use crate::config::{self, Config, ConsoleMode, DedupMode, VmConfig};
 use crate::dedup::policy::PolicyKind;
 use crate::fleet;
+use crate::seccomp::SeccompMode;
 
 const RUN_EXAMPLES: &str = "\
 Examples:
@@ -31,7 +32,8 @@ Exit status:
   1    some guest failed: non-zero exit code, crash, or no --expect match (one line each on stderr)
   2    bad usage or bad input (nothing was started)
   124  --timeout expired
-  130  interrupted: SIGINT or Ctrl-A x on the console (143 for SIGTERM)";
+  130  interrupted: SIGINT or Ctrl-A x on the console (143 for SIGTERM)
+  159  a kvmerge thread made a system call its seccomp filter forbids (--seccomp kill)";
 
 /// kvmerge: boot several lightweight guests in one process on KVM, with built-in memory
 /// deduplication across them.
@@ -117,6 +119,10 @@ pub struct RunArgs {
     /// Print the per-VM dedup summary table on stderr at the end (the default on a terminal).
     #[arg(long)]
     pub summary: bool,
+    /// A system call outside a thread's seccomp allowlist: 'kill' (the run stops every guest and
+    /// exits 159), 'log' (allowed, logged by the kernel), 'off' (no filters).
+    #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
+    pub seccomp: SeccompMode,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -173,6 +179,7 @@ impl RunArgs {
             stats: self.stats,
             status_line,
             summary: self.summary || stderr_is_terminal(),
+            seccomp: self.seccomp,
         })
     }
 }
@@ -212,6 +219,10 @@ mod tests {
         assert!(c.vms[0].cmdline.contains("console=ttyS0"));
         assert!(!c.interactive);
         assert!(c.timeout.is_none() && c.expect.is_none());
+        assert_eq!(c.seccomp, SeccompMode::Kill);
+        let c = run_config(&["run", "--kernel", "k", "--seccomp", "log"], false);
+        assert_eq!(c.seccomp, SeccompMode::Log);
+        assert!(parse(&["run", "--kernel", "k", "--seccomp", "maybe"]).is_err());
     }
 
     #[test]

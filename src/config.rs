@@ -7,6 +7,7 @@ use std::time::Duration;
 use regex::Regex;
 
 use crate::dedup::policy::PolicyKind;
+use crate::seccomp::SeccompMode;
 
 /// Smallest guest RAM kvmerge accepts: the boot structures live below 1 MiB and the kernel above it.
 pub const MIN_MEMORY: u64 = 2 << 20;
@@ -103,6 +104,8 @@ pub struct Config {
     pub status_line: bool,
     /// Print the per-VM dedup summary table on stderr at the end.
     pub summary: bool,
+    /// What a system call outside a kvmerge thread's seccomp allowlist does.
+    pub seccomp: SeccompMode,
 }
 
 impl Config {
@@ -119,6 +122,7 @@ impl Config {
             stats: None,
             status_line: false,
             summary: false,
+            seccomp: SeccompMode::Kill,
         }
     }
 

@@ -16,6 +16,7 @@ pub mod loader;
 pub mod memory;
 pub mod output;
 pub mod runner;
+pub mod seccomp;
 pub mod sync;
 pub mod terminal;
 pub mod vcpu;

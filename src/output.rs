@@ -194,6 +194,11 @@ impl Writer {
         let (done_tx, done) = mpsc::channel();
         let thread_wake = wake.clone();
         spawn_with_signals_blocked(name, move || {
+            // Writers started before `seccomp::prepare` (an early stderr line) run unfiltered.
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Io) {
+                log::error!("{e}");
+                return;
+            }
             run_writer(&thread_wake, &mut drains);
             let _ = done_tx.send(());
         })?;

@@ -26,6 +26,7 @@ use crate::kvm::{self, Flavor, Host};
 use crate::loader::{self, InitrdImage, KernelImage};
 use crate::memory;
 use crate::output::{self, Lane, LaneSpec, Marker, Sink, Writer};
+use crate::seccomp::{self, ThreadKind};
 use crate::terminal::{EscapeDecoder, Input, RawMode};
 use crate::vcpu::VmEnd;
 use crate::vm::{self, BootSources, Vm, VmIo};
@@ -78,6 +79,8 @@ pub enum Error {
     },
     #[error("cannot set up the control loop: {0}")]
     Control(String),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::Error),
 }
 
 impl Error {
@@ -96,7 +99,7 @@ impl Error {
                 source,
                 vm::Error::Loader(_) | vm::Error::Memory(crate::memory::Error::Map { .. })
             ),
-            Error::Control(_) | Error::Memory(_) => false,
+            Error::Control(_) | Error::Memory(_) | Error::Seccomp(_) => false,
         }
     }
 }
@@ -157,6 +160,8 @@ pub struct Report {
     pub signal: Option<i32>,
     /// The merge thread's final figures.
     pub dedup: Option<merge::Status>,
+    /// A thread made a system call its seccomp filter forbids; the run was stopped.
+    pub seccomp_blocked: bool,
 }
 
 impl Report {
@@ -175,13 +180,16 @@ impl Report {
             timed_out: false,
             signal: Some(sig),
             dedup: None,
+            seccomp_blocked: false,
         }
     }
 
-    /// 0 when every guest succeeded; 124 on timeout; 128+N on signal N (Ctrl-A x on the console
-    /// counts as SIGINT); 1 otherwise.
+    /// 0 when every guest succeeded; 159 after a seccomp violation; 124 on timeout; 128+N on
+    /// signal N (Ctrl-A x on the console counts as SIGINT); 1 otherwise.
     pub fn exit_code(&self) -> i32 {
-        if self.timed_out {
+        if self.seccomp_blocked {
+            i32::from(seccomp::EXIT_STATUS)
+        } else if self.timed_out {
             124
         } else if let Some(sig) = self.signal {
             128 + sig
@@ -308,6 +316,8 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let signals =
         Arc::new(SignalFd::new(&STOP_SIGNALS).map_err(|e| Error::Control(e.to_string()))?);
     let pre = preflight(cfg)?;
+    // Before any thread starts: vCPU and merge threads install their filters as they start.
+    let seccomp_events = seccomp::prepare(cfg.seccomp)?;
     if let ConsoleMode::Dir(dir) = &cfg.console {
         std::fs::create_dir_all(dir).map_err(|source| Error::ConsoleDir {
             path: dir.display().to_string(),
@@ -333,7 +343,15 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let (mut consoles, sinks) = Consoles::start(outputs)
         .map_err(|e| Error::Control(format!("cannot start the console writer: {e}")))?;
 
-    let result = run_fleet(cfg, &pre, &signals, sinks, &expects, stats.as_ref());
+    let result = run_fleet(
+        cfg,
+        &pre,
+        &signals,
+        sinks,
+        &expects,
+        stats.as_ref(),
+        seccomp_events,
+    );
 
     // Guests have ended and host state is back; what their consoles and --stats still hold gets
     // a bounded time to drain.
@@ -364,6 +382,7 @@ fn run_fleet(
     sinks: Vec<ConsoleSink>,
     expects: &[Option<Expect>],
     stats: Option<&StatsFile>,
+    seccomp_events: Option<std::os::fd::RawFd>,
 ) -> Result<Report> {
     let notify =
         Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Control(e.to_string()))?);
@@ -398,6 +417,12 @@ fn run_fleet(
     };
     let interactive = cfg.interactive && raw.is_some();
 
+    // This thread's own filter, before any guest code runs; threads it starts from now on
+    // (merge thread, teardown workers) inherit it under their own.
+    if let Err(e) = seccomp::install(ThreadKind::Control) {
+        teardown(vms);
+        return Err(e.into());
+    }
     if let Err((index, source)) = resume_all(&vms, signals) {
         stop_all(&vms, VmEnd::Vmm("start failed".into()));
         teardown(vms);
@@ -461,6 +486,8 @@ fn run_fleet(
         stats: stats.map(StatsFile::lane),
         stats_timer: None,
         status_line: cfg.status_line,
+        seccomp_events,
+        seccomp_blocked: false,
     }));
     let looped = control_loop(cfg, &control);
     let mut c = lock(&control);
@@ -476,6 +503,16 @@ fn run_fleet(
     let started = Instant::now();
     let dedup = c.merge.take().map(MergeThread::stop);
     log::debug!("merge thread stopped in {:?}", started.elapsed());
+    if seccomp::parked(ThreadKind::Merge) {
+        // The parked merge thread keeps its reference to the KSM hold: restore explicitly.
+        if let Some(Err(e)) = ksm_owner
+            .as_ref()
+            .and_then(|hold| hold.owner())
+            .map(|owner| owner.restore())
+        {
+            log::error!("host KSM knobs: {e}");
+        }
+    }
     if let (Some(status), Some(stats)) = (&dedup, &c.stats) {
         write_stats(stats, status, true);
     }
@@ -493,6 +530,7 @@ fn run_fleet(
         timed_out: c.timed_out,
         signal: c.signal,
         dedup,
+        seccomp_blocked: c.seccomp_blocked,
     })
 }
 
@@ -520,6 +558,7 @@ fn control_loop(cfg: &Config, control: &Arc<Mutex<Control>>) -> Result<()> {
     events.add_subscriber(control.clone());
     while !lock(control).finished() {
         events.run().map_err(|e| Error::Control(format!("{e:?}")))?;
+        seccomp::injection_point();
     }
     Ok(())
 }
@@ -801,6 +840,7 @@ const EV_TIMER: u32 = 3;
 const EV_STDIN: u32 = 4;
 const EV_INPUT_DRAINED: u32 = 5;
 const EV_STATS: u32 = 6;
+const EV_SECCOMP: u32 = 7;
 
 struct Control {
     vms: Vec<Vm>,
@@ -820,6 +860,9 @@ struct Control {
     stats: Option<Lane>,
     stats_timer: Option<TimerFd>,
     status_line: bool,
+    /// Written by the SIGSYS handler when a thread's seccomp filter stopped it.
+    seccomp_events: Option<std::os::fd::RawFd>,
+    seccomp_blocked: bool,
 }
 
 impl Control {
@@ -942,6 +985,9 @@ impl MutEventSubscriber for Control {
         if self.stdin {
             add(libc::STDIN_FILENO, EV_STDIN);
         }
+        if let Some(fd) = self.seccomp_events {
+            add(fd, EV_SECCOMP);
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -971,6 +1017,13 @@ impl MutEventSubscriber for Control {
                     let _ = timer.wait();
                 }
                 self.on_stats_tick();
+            }
+            EV_SECCOMP => {
+                // The handler said which thread and call; the guests stop, host state is restored.
+                let _ = ops.remove(events);
+                self.seccomp_blocked = true;
+                let why = "a kvmerge thread was stopped by its seccomp filter";
+                stop_all(&mut self.vms, VmEnd::Vmm(why.into()));
             }
             EV_INPUT_DRAINED => {
                 let _ = self.input_drained.read();

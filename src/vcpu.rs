@@ -626,6 +626,11 @@ impl VcpuHandle {
     ) -> Result<VcpuHandle> {
         let name = format!("{}-vcpu{index}", vm.name());
         VcpuHandle::spawn_with(name, index, gate, move |port| {
+            // The thread's first act: no guest code runs without its filter.
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                vm.end(VmEnd::Vmm(e.to_string()));
+                return;
+            }
             VcpuThread {
                 fd,
                 port,
@@ -790,6 +795,7 @@ impl VcpuThread {
                 self.vm.end(end);
                 self.ended = true;
             }
+            crate::seccomp::injection_point();
         }
     }
 

@@ -152,9 +152,14 @@ impl MergeThread {
         let thread = std::thread::Builder::new()
             .name("kvmerge-merge".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Merge) {
+                    log::error!("{e}; no zero-page reclaim, KSM steering or accounting");
+                    return;
+                }
                 let mut worker = Worker::new(vms, ksm, opts);
                 loop {
                     worker.tick();
+                    crate::seccomp::injection_point();
                     *lock(&published) = worker.status.clone();
                     match stop_rx.recv_timeout(worker.opts.tick) {
                         Err(RecvTimeoutError::Timeout) => continue,
@@ -186,6 +191,11 @@ impl MergeThread {
 
     fn shutdown(&mut self) {
         let _ = self.stop.send(());
+        if crate::seccomp::parked(crate::seccomp::ThreadKind::Merge) {
+            // Stopped by its seccomp filter for good: joining would wait forever.
+            self.thread = None;
+            return;
+        }
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 log::error!("the merge thread panicked");
