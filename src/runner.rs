@@ -739,8 +739,9 @@ enum Built {
     Stopped(i32),
 }
 
-/// Threads that start VMs at once: each start mostly waits for vCPU threads to be scheduled.
-const START_WORKERS: usize = 16;
+/// Threads that start VMs at once: each start mostly waits for vCPU threads to be scheduled, and
+/// must get their acknowledgements within `vm::ACK_TIMEOUT`, so only a few at a time.
+const START_WORKERS: usize = 4;
 
 /// Threads that collect and destroy VMs at once. Closing a VM fd makes KVM free the VM, which
 /// mostly waits for RCU grace periods: many threads overlap those waits (measured with 512 VMs
