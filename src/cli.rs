@@ -29,7 +29,8 @@ Exit status:
   0    every guest exited with code 0 (debug-exit port 0xf4) or reset/powered off cleanly,
        and matched --expect when given
   1    some guest failed: non-zero exit code, crash, or no --expect match (one line each on stderr)
-  2    bad usage or bad input (nothing was started)
+  1    ... or a guest was stopped to relieve host memory pressure (see --overcommit)
+  2    bad usage or bad input, or the fleet does not fit this host (nothing was started)
   124  --timeout expired
   130  interrupted: SIGINT or Ctrl-A x on the console (143 for SIGTERM)";
 
@@ -109,6 +110,26 @@ pub struct RunArgs {
     /// Print the per-VM dedup summary table on stderr at the end (the default on a terminal).
     #[arg(long)]
     pub summary: bool,
+    /// Admit a fleet whose guest RAM (--memory x --count, or the fleet file's sum) is up to
+    /// RATIO times the memory available to kvmerge: the host's MemAvailable or, when tighter,
+    /// the memory cgroup's limit minus its usage. The default 1 admits only fleets that fit even
+    /// if every guest touches all its RAM. Guests touch RAM lazily and dedup merges identical
+    /// pages, so a fleet that counts on that may pass e.g. 4; if memory then runs short anyway,
+    /// kvmerge stops the guests holding the most unique memory, one line each (see
+    /// docs/fleet.md), before the kernel's OOM killer would end every guest at once.
+    #[arg(long, value_name = "RATIO", default_value_t = config::DEFAULT_OVERCOMMIT,
+          value_parser = parse_ratio)]
+    pub overcommit: f64,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.1..=config::MAX_OVERCOMMIT).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "invalid ratio '{s}': give a number from 0.1 to {}",
+            config::MAX_OVERCOMMIT
+        )),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -135,6 +156,11 @@ impl RunArgs {
             "none" => ConsoleMode::None,
             dir => ConsoleMode::Dir(PathBuf::from(dir)),
         };
+        if self.console.is_empty() {
+            return Err(fleet::Error::Usage(
+                config::Error::ConsoleEmpty(self.console).to_string(),
+            ));
+        }
         let vms = match (&self.fleet, self.kernel) {
             (Some(file), _) => fleet::load(file)?,
             (None, Some(kernel)) => vec![
@@ -165,6 +191,7 @@ impl RunArgs {
             stats: self.stats,
             status_line,
             summary: self.summary || stderr_is_terminal(),
+            overcommit: self.overcommit,
         })
     }
 }

@@ -15,7 +15,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::arch::{self, EntryMode};
+use crate::arch::EntryMode;
 use crate::config::DedupMode;
 use crate::config::{self, Config, ConsoleMode};
 use crate::console::{ConsoleSink, Expect, Output};
@@ -23,6 +23,7 @@ use crate::dedup::ksm::{self, Knob, KsmOwner, KsmSysfs};
 use crate::dedup::merge::{self, MergeThread, MergeVm};
 use crate::dedup::policy::PolicyKind;
 use crate::dedup::report;
+use crate::host;
 use crate::kvm::{self, Flavor, Host};
 use crate::loader::{self, InitrdImage, KernelImage};
 use crate::memory;
@@ -38,12 +39,8 @@ pub enum Error {
     Kvm(#[from] kvm::Error),
     #[error(transparent)]
     Loader(#[from] loader::Error),
-    #[error("--vcpus {requested} is more than this host allows ({max}: {why})")]
-    TooManyVcpus {
-        requested: u8,
-        max: usize,
-        why: &'static str,
-    },
+    #[error(transparent)]
+    Host(#[from] host::Error),
     #[error(
         "this host's /dev/kvm is kvm_pvm, which cannot run stock Linux kernels (guest ring 0 is \
          emulated and guest system calls fault); {0} is a Linux kernel. Run Linux guests on a host \
@@ -87,7 +84,7 @@ impl Error {
             Error::Config(_)
             | Error::Kvm(_)
             | Error::Loader(_)
-            | Error::TooManyVcpus { .. }
+            | Error::Host(_)
             | Error::PvmLinux(_)
             | Error::ConsoleDir { .. }
             | Error::ConsoleFile { .. }
@@ -181,29 +178,18 @@ fn preflight(cfg: &Config) -> Result<Preflight> {
             kernels.insert(vm.kernel.clone(), KernelImage::open(&vm.kernel)?);
         }
         kernels[&vm.kernel].check_cmdline(&vm.cmdline_for(index))?;
+        kernels[&vm.kernel].check_fits(vm.memory)?;
         if let Some(path) = &vm.initrd {
             if !initrds.contains_key(path) {
                 initrds.insert(path.clone(), InitrdImage::open(path)?);
             }
         }
     }
+    // What the host can hold (memory, cgroup, files, threads): before /dev/kvm is even opened.
+    host::admit(cfg)?;
     let host = Host::open()?;
-    let (max, why) = if host.max_vcpus() < usize::from(arch::mptable::MAX_VCPUS) {
-        (host.max_vcpus(), "KVM's limit")
-    } else {
-        (
-            usize::from(arch::mptable::MAX_VCPUS),
-            "what the MP table holds",
-        )
-    };
+    host::admit_vcpus(cfg, host.max_vcpus())?;
     for vm in &cfg.vms {
-        if usize::from(vm.vcpus) > max {
-            return Err(Error::TooManyVcpus {
-                requested: vm.vcpus,
-                max,
-                why,
-            });
-        }
         if host.flavor() == Flavor::Pvm && kernels[&vm.kernel].mode() == EntryMode::Linux {
             return Err(Error::PvmLinux(vm.kernel.display().to_string()));
         }
