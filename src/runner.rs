@@ -27,6 +27,7 @@ use crate::host;
 use crate::kvm::{self, Flavor, Host};
 use crate::loader::{self, InitrdImage, KernelImage};
 use crate::memory;
+use crate::pressure;
 use crate::terminal::{EscapeDecoder, Input, RawMode};
 use crate::vcpu::VmEnd;
 use crate::vm::{self, BootSources, Vm, VmIo};
@@ -313,6 +314,24 @@ pub fn run(cfg: &Config) -> Result<Report> {
         }
     };
 
+    // The overcommit guard (src/pressure.rs): stops the guests that free most when memory runs
+    // short, before the OOM killer would end the whole process. Dropped before teardown.
+    let pressure_vms = vms
+        .iter()
+        .map(|vm| pressure::Guarded {
+            shared: vm.shared().clone(),
+            control: vm.control().clone(),
+            ram: vm.ram().clone(),
+        })
+        .collect();
+    let pressure = match pressure::Guard::start(pressure_vms) {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            log::warn!("cannot start the memory pressure guard ({e}); running without it");
+            None
+        }
+    };
+
     let control = Arc::new(Mutex::new(Control {
         vms,
         signals,
@@ -389,6 +408,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
             }
         })
         .collect();
+    drop(pressure);
     teardown(vms);
     drop(ksm_owner);
     Ok(Report {
@@ -507,35 +527,32 @@ fn build_fleet(
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(cfg.vms.len());
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                loop {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    if index >= cfg.vms.len() || failed.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let vm_cfg = &cfg.vms[index];
-                    let sources = BootSources {
-                        kernel: &pre.kernels[&vm_cfg.kernel],
-                        initrd: vm_cfg.initrd.as_ref().map(|p| &pre.initrds[p]),
-                    };
-                    let console = lock(&slots[index])
-                        .take()
-                        .expect("each console is used once");
-                    let io = VmIo {
-                        console,
-                        notify: notify.clone(),
-                        input_drained: input_drained.clone(),
-                    };
-                    let result = Vm::build(&pre.host, index, vm_cfg, &sources, io)
-                        .map_err(|source| Error::Build { index, source });
-                    failed.fetch_or(result.is_err(), Ordering::Relaxed);
-                    *lock(&results[index]) = Some(result);
-                }
-            });
+    let work = || {
+        loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            if index >= cfg.vms.len() || failed.load(Ordering::Relaxed) {
+                break;
+            }
+            let vm_cfg = &cfg.vms[index];
+            let sources = BootSources {
+                kernel: &pre.kernels[&vm_cfg.kernel],
+                initrd: vm_cfg.initrd.as_ref().map(|p| &pre.initrds[p]),
+            };
+            let console = lock(&slots[index])
+                .take()
+                .expect("each console is used once");
+            let io = VmIo {
+                console,
+                notify: notify.clone(),
+                input_drained: input_drained.clone(),
+            };
+            let result = Vm::build(&pre.host, index, vm_cfg, &sources, io)
+                .map_err(|source| Error::Build { index, source });
+            failed.fetch_or(result.is_err(), Ordering::Relaxed);
+            *lock(&results[index]) = Some(result);
         }
-    });
+    };
+    in_workers(workers, &work);
     let mut vms = Vec::with_capacity(cfg.vms.len());
     let mut first_error = None;
     for result in results
@@ -563,14 +580,30 @@ fn build_fleet(
 fn teardown(vms: Vec<Vm>) {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let queue = Mutex::new(vms);
+    in_workers(workers, &|| {
+        while let Some(vm) = lock(&queue).pop() {
+            drop(vm);
+        }
+    });
+}
+
+/// Runs `work` on up to `workers` scoped threads. A thread that cannot be created (a thread
+/// limit reached after admission) is not an error: fewer threads do the work, and with none the
+/// calling thread does it alone.
+fn in_workers(workers: usize, work: &(dyn Fn() + Sync)) {
     std::thread::scope(|scope| {
+        let mut started = 0;
         for _ in 0..workers {
-            scope.spawn(|| {
-                loop {
-                    let Some(vm) = lock(&queue).pop() else { break };
-                    drop(vm);
+            match std::thread::Builder::new().spawn_scoped(scope, work) {
+                Ok(_) => started += 1,
+                Err(e) => {
+                    log::warn!("cannot start a worker thread ({e}); continuing with {started}");
+                    break;
                 }
-            });
+            }
+        }
+        if started == 0 {
+            work();
         }
     });
 }
