@@ -231,6 +231,9 @@ mod tests {
         assert!(c.vms[0].cmdline.contains("console=ttyS0"));
         assert!(!c.interactive);
         assert!(c.timeout.is_none() && c.expect.is_none());
+        assert_eq!(c.overcommit, config::DEFAULT_OVERCOMMIT);
+        let c = run_config(&["run", "--kernel", "k", "--overcommit", "2.5"], false);
+        assert_eq!(c.overcommit, 2.5);
     }
 
     #[test]
@@ -314,6 +317,8 @@ mod tests {
             &["run", "--kernel", "k", "--dedup", "maybe"],
             &["run", "--kernel", "k", "--timeout", "soon"],
             &["run", "--kernel", "k", "--expect", "("],
+            &["run", "--kernel", "k", "--overcommit", "0"],
+            &["run", "--kernel", "k", "--overcommit", "lots"],
         ] {
             assert!(parse(args).is_err(), "{args:?} should not parse");
         }

@@ -355,6 +355,33 @@ mod tests {
     }
 
     #[test]
+    fn upper_bounds() {
+        let mut c = config();
+        c.vms[0].memory = MAX_MEMORY;
+        assert_eq!(c.validate(), Ok(()));
+        c.vms[0].memory = MAX_MEMORY + PAGE_SIZE;
+        assert!(matches!(c.validate(), Err(Error::Memory(_, _))));
+        let mut c = config();
+        c.vms[0].vcpus = MAX_VCPUS;
+        assert_eq!(c.validate(), Ok(()));
+        c.vms[0].vcpus = MAX_VCPUS + 1;
+        assert_eq!(c.validate(), Err(Error::TooManyVcpus(MAX_VCPUS + 1)));
+        let mut c = config();
+        c.timeout = Some(MAX_TIMEOUT);
+        assert_eq!(c.validate(), Ok(()));
+        c.timeout = parse_duration("10000000000000000000s").ok();
+        assert!(matches!(c.validate(), Err(Error::LongTimeout(_))));
+        let mut c = config();
+        for bad in [0.0, 0.05, 100.5, f64::NAN] {
+            c.overcommit = bad;
+            assert!(matches!(c.validate(), Err(Error::Overcommit(_))), "{bad}");
+        }
+        let mut c = config();
+        c.console = ConsoleMode::Dir(PathBuf::new());
+        assert_eq!(c.validate(), Err(Error::ConsoleEmpty(String::new())));
+    }
+
+    #[test]
     fn one_ksm_trust_group_per_host() {
         let mut c = config();
         let mut other = c.vms[0].clone();
