@@ -30,7 +30,8 @@ Exit status:
   0    every guest exited with code 0 (debug-exit port 0xf4) or reset/powered off cleanly,
        and matched --expect when given
   1    some guest failed: non-zero exit code, crash, or no --expect match (one line each on stderr)
-  2    bad usage or bad input (nothing was started)
+  1    ... or a guest was stopped to relieve host memory pressure (see --overcommit)
+  2    bad usage or bad input, or the fleet does not fit this host (nothing was started)
   124  --timeout expired
   130  interrupted: SIGINT or Ctrl-A x on the console (143 for SIGTERM)
   159  a kvmerge thread made a system call its seccomp filter forbids (--seccomp kill)";
@@ -123,6 +124,26 @@ pub struct RunArgs {
     /// exits 159), 'log' (allowed, logged by the kernel), 'off' (no filters).
     #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
     pub seccomp: SeccompMode,
+    /// Admit a fleet whose guest RAM (--memory x --count, or the fleet file's sum) is up to
+    /// RATIO times the memory available to kvmerge: the host's MemAvailable or, when tighter,
+    /// the memory cgroup's limit minus its usage. The default 1 admits only fleets that fit even
+    /// if every guest touches all its RAM. Guests touch RAM lazily and dedup merges identical
+    /// pages, so a fleet that counts on that may pass e.g. 4; if memory then runs short anyway,
+    /// kvmerge stops the guests holding the most unique memory, one line each (see
+    /// docs/fleet.md), before the kernel's OOM killer would end every guest at once.
+    #[arg(long, value_name = "RATIO", default_value_t = config::DEFAULT_OVERCOMMIT,
+          value_parser = parse_ratio)]
+    pub overcommit: f64,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.1..=config::MAX_OVERCOMMIT).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "invalid ratio '{s}': give a number from 0.1 to {}",
+            config::MAX_OVERCOMMIT
+        )),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -149,6 +170,11 @@ impl RunArgs {
             "none" => ConsoleMode::None,
             dir => ConsoleMode::Dir(PathBuf::from(dir)),
         };
+        if self.console.is_empty() {
+            return Err(fleet::Error::Usage(
+                config::Error::ConsoleEmpty(self.console).to_string(),
+            ));
+        }
         let vms = match (&self.fleet, self.kernel) {
             (Some(file), _) => fleet::load(file)?,
             (None, Some(kernel)) => vec![
@@ -180,6 +206,7 @@ impl RunArgs {
             status_line,
             summary: self.summary || stderr_is_terminal(),
             seccomp: self.seccomp,
+            overcommit: self.overcommit,
         })
     }
 }
@@ -223,6 +250,9 @@ mod tests {
         let c = run_config(&["run", "--kernel", "k", "--seccomp", "log"], false);
         assert_eq!(c.seccomp, SeccompMode::Log);
         assert!(parse(&["run", "--kernel", "k", "--seccomp", "maybe"]).is_err());
+        assert_eq!(c.overcommit, config::DEFAULT_OVERCOMMIT);
+        let c = run_config(&["run", "--kernel", "k", "--overcommit", "2.5"], false);
+        assert_eq!(c.overcommit, 2.5);
     }
 
     #[test]
@@ -313,6 +343,8 @@ mod tests {
             &["run", "--kernel", "k", "--dedup", "maybe"],
             &["run", "--kernel", "k", "--timeout", "soon"],
             &["run", "--kernel", "k", "--expect", "("],
+            &["run", "--kernel", "k", "--overcommit", "0"],
+            &["run", "--kernel", "k", "--overcommit", "lots"],
         ] {
             assert!(parse(args).is_err(), "{args:?} should not parse");
         }

@@ -13,6 +13,25 @@ use crate::seccomp::SeccompMode;
 pub const MIN_MEMORY: u64 = 2 << 20;
 /// Guest RAM is mapped and registered in whole pages.
 pub const PAGE_SIZE: u64 = 4096;
+/// Most guest RAM per VM. KVM allocates its per-page metadata for a memory slot up front
+/// (reverse maps and large-page tracking, about 0.2% of the slot in kernel memory, plus shadow
+/// paging on hosts without EPT/NPT), so a 1 TiB guest already costs gigabytes of kernel memory
+/// and seconds before its first instruction; 256 GiB keeps set-up under a second and is far
+/// beyond what the lightweight guests kvmerge is made for need.
+pub const MAX_MEMORY: u64 = 256 << 30;
+/// Longest `--timeout`: a year. Longer values are typos, and timerfd takes no more than
+/// `time_t` seconds anyway.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Most vCPUs per VM: what the MP table describes (APIC ID 255 is the broadcast ID). The one
+/// bound used by the command line, fleet files and `validate`; KVM's own limit is the host's
+/// (checked at admission).
+pub const MAX_VCPUS: u8 = crate::arch::mptable::MAX_VCPUS;
+/// `--overcommit` default: the fleet's whole guest RAM must fit in the memory the host (or the
+/// memory cgroup) has available now. Guests touch RAM lazily and dedup saves more, so users who
+/// count on that pass a larger ratio; the run-time shedding guard then protects the rest.
+pub const DEFAULT_OVERCOMMIT: f64 = 1.0;
+/// Largest `--overcommit`: beyond it the admission check would check nothing.
+pub const MAX_OVERCOMMIT: f64 = 100.0;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -22,6 +41,14 @@ pub enum Error {
     ZeroCount,
     #[error("--vcpus must be at least 1")]
     ZeroVcpus,
+    #[error("--vcpus {0} is more than a VM can have ({MAX_VCPUS}, what the MP table describes)")]
+    TooManyVcpus(u8),
+    #[error("--timeout {0:?} is longer than a year: give a shorter one, or none")]
+    LongTimeout(Duration),
+    #[error("--overcommit {0}: give a ratio from 0.1 to {MAX_OVERCOMMIT} (1 = guest RAM must fit)")]
+    Overcommit(String),
+    #[error("--console '{0}': give 'prefix', 'none' or a directory for the vmK.log files")]
+    ConsoleEmpty(String),
     #[error(
         "invalid size '{0}': use a number with an optional K, M, G or T suffix (bare numbers are MiB)"
     )]
@@ -106,6 +133,9 @@ pub struct Config {
     pub summary: bool,
     /// What a system call outside a kvmerge thread's seccomp allowlist does.
     pub seccomp: SeccompMode,
+    /// How much more guest RAM than the host (or memory cgroup) has available the fleet may be
+    /// given: 1.0 admits only fleets whose whole guest RAM fits.
+    pub overcommit: f64,
 }
 
 impl Config {
@@ -123,6 +153,7 @@ impl Config {
             status_line: false,
             summary: false,
             seccomp: SeccompMode::Kill,
+            overcommit: DEFAULT_OVERCOMMIT,
         }
     }
 
@@ -136,9 +167,22 @@ impl Config {
             if vm.vcpus == 0 {
                 return Err(Error::ZeroVcpus);
             }
+            if vm.vcpus > MAX_VCPUS {
+                return Err(Error::TooManyVcpus(vm.vcpus));
+            }
         }
-        if self.timeout == Some(Duration::ZERO) {
-            return Err(Error::ZeroTimeout);
+        match self.timeout {
+            Some(Duration::ZERO) => return Err(Error::ZeroTimeout),
+            Some(t) if t > MAX_TIMEOUT => return Err(Error::LongTimeout(t)),
+            _ => {}
+        }
+        if !(0.1..=MAX_OVERCOMMIT).contains(&self.overcommit) {
+            return Err(Error::Overcommit(self.overcommit.to_string()));
+        }
+        if let ConsoleMode::Dir(dir) = &self.console {
+            if dir.as_os_str().is_empty() {
+                return Err(Error::ConsoleEmpty(String::new()));
+            }
         }
         let mut full = self.vms.iter().filter(|vm| vm.dedup == DedupMode::Full);
         if let Some(first) = full.next() {
@@ -165,6 +209,12 @@ fn validate_memory(bytes: u64) -> Result<()> {
         return Err(Error::Memory(
             shown,
             "kvmerge needs at least 2 MiB of guest RAM",
+        ));
+    }
+    if bytes > MAX_MEMORY {
+        return Err(Error::Memory(
+            shown,
+            "kvmerge gives a VM at most 256 GiB of guest RAM",
         ));
     }
     Ok(())
@@ -306,6 +356,33 @@ mod tests {
         let mut c = config();
         c.timeout = Some(Duration::ZERO);
         assert_eq!(c.validate(), Err(Error::ZeroTimeout));
+    }
+
+    #[test]
+    fn upper_bounds() {
+        let mut c = config();
+        c.vms[0].memory = MAX_MEMORY;
+        assert_eq!(c.validate(), Ok(()));
+        c.vms[0].memory = MAX_MEMORY + PAGE_SIZE;
+        assert!(matches!(c.validate(), Err(Error::Memory(_, _))));
+        let mut c = config();
+        c.vms[0].vcpus = MAX_VCPUS;
+        assert_eq!(c.validate(), Ok(()));
+        c.vms[0].vcpus = MAX_VCPUS + 1;
+        assert_eq!(c.validate(), Err(Error::TooManyVcpus(MAX_VCPUS + 1)));
+        let mut c = config();
+        c.timeout = Some(MAX_TIMEOUT);
+        assert_eq!(c.validate(), Ok(()));
+        c.timeout = parse_duration("10000000000000000000s").ok();
+        assert!(matches!(c.validate(), Err(Error::LongTimeout(_))));
+        let mut c = config();
+        for bad in [0.0, 0.05, 100.5, f64::NAN] {
+            c.overcommit = bad;
+            assert!(matches!(c.validate(), Err(Error::Overcommit(_))), "{bad}");
+        }
+        let mut c = config();
+        c.console = ConsoleMode::Dir(PathBuf::new());
+        assert_eq!(c.validate(), Err(Error::ConsoleEmpty(String::new())));
     }
 
     #[test]

@@ -70,8 +70,11 @@ use crate::config::{self, DEFAULT_GROUP, DedupMode, VmConfig};
 /// The same bound as `--count`, both per `[[vm]]` and for the whole fleet: far above what fits in
 /// a host's memory, low enough that a typo does not allocate a billion VM descriptions.
 pub const MAX_VMS: u32 = 65536;
-/// The MP table describes at most 254 CPUs (APIC ID 255 is the broadcast ID).
-pub const MAX_VCPUS: u8 = 254;
+/// Fleet files take the same vCPU bound as `--vcpus` (one constant, in config).
+pub use crate::config::MAX_VCPUS;
+/// The largest fleet file kvmerge reads: a fleet of thousands of distinct kinds fits in a few
+/// hundred KiB, and a wrong path (a log, /dev/zero) is refused before it is read.
+pub const MAX_FLEET_FILE: u64 = 1 << 20;
 /// What a fleet VM gets without `memory`: the `--memory` default.
 pub const DEFAULT_MEMORY: u64 = 128 << 20;
 /// What a fleet VM gets without `cmdline`: the `--cmdline` default.
@@ -84,6 +87,12 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Not a regular file, too large, not UTF-8.
+    #[error("{0}")]
+    File(String),
+    /// A command-line value that is wrong whatever the host.
+    #[error("{0}")]
+    Usage(String),
     /// `line` is 1-based; `None` when the problem is the file as a whole.
     #[error("{file}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Invalid {
@@ -95,9 +104,20 @@ pub enum Error {
 
 /// Reads the fleet file at `path` and expands it into one `VmConfig` per guest, in index order.
 pub fn load(path: &Path) -> Result<Vec<VmConfig>, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-        path: path.to_path_buf(),
-        source,
+    let bytes = crate::loader::read_regular_file("fleet file", path, MAX_FLEET_FILE).map_err(
+        |e| match e {
+            crate::loader::Error::Read { source, .. } => Error::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+            other => Error::File(other.to_string()),
+        },
+    )?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        Error::File(format!(
+            "fleet file {} is not UTF-8 text: give a TOML fleet file (docs/fleet.md)",
+            path.display()
+        ))
     })?;
     // `fleet.toml` has the parent "", which joins to paths relative to the working directory:
     // the file's own directory again.

@@ -29,6 +29,8 @@ pub enum Error {
         "guest RAM was advised MADV_MERGEABLE but /proc/self/smaps does not show the 'mg' flag"
     )]
     NotMergeable,
+    #[error("cannot read /proc/self/smaps to check that guest RAM is mergeable")]
+    Smaps(#[source] std::io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -210,8 +212,10 @@ pub fn verify_mergeable<'a>(rams: impl IntoIterator<Item = &'a GuestRam>) -> Res
         if ram.mergeable != Mergeable::Yes {
             continue;
         }
-        let smaps = smaps
-            .get_or_insert_with(|| std::fs::read_to_string("/proc/self/smaps").unwrap_or_default());
+        if smaps.is_none() {
+            smaps = Some(std::fs::read_to_string("/proc/self/smaps").map_err(Error::Smaps)?);
+        }
+        let smaps = smaps.as_deref().unwrap_or_default();
         match vma_flags(smaps, ram.host.as_ptr() as u64) {
             Some(flags) if flags.iter().any(|f| f == "mg") => {}
             _ => return Err(Error::NotMergeable),

@@ -15,17 +15,19 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::arch::{self, EntryMode};
+use crate::arch::EntryMode;
 use crate::config::DedupMode;
 use crate::config::{self, Config, ConsoleMode};
 use crate::console::{ConsoleSink, Consoles, Expect, Output};
 use crate::dedup::ksm;
 use crate::dedup::merge::{self, MergeThread, MergeVm};
 use crate::dedup::report;
+use crate::host;
 use crate::kvm::{self, Flavor, Host};
 use crate::loader::{self, InitrdImage, KernelImage};
 use crate::memory;
 use crate::output::{self, Lane, LaneSpec, Marker, Sink, Writer};
+use crate::pressure;
 use crate::seccomp::{self, ThreadKind};
 use crate::terminal::{EscapeDecoder, Input, RawMode};
 use crate::vcpu::VmEnd;
@@ -39,12 +41,8 @@ pub enum Error {
     Kvm(#[from] kvm::Error),
     #[error(transparent)]
     Loader(#[from] loader::Error),
-    #[error("--vcpus {requested} is more than this host allows ({max}: {why})")]
-    TooManyVcpus {
-        requested: u8,
-        max: usize,
-        why: &'static str,
-    },
+    #[error(transparent)]
+    Host(#[from] host::Error),
     #[error(
         "this host's /dev/kvm is kvm_pvm, which cannot run stock Linux kernels (guest ring 0 is \
          emulated and guest system calls fault); {0} is a Linux kernel. Run Linux guests on a host \
@@ -90,7 +88,7 @@ impl Error {
             Error::Config(_)
             | Error::Kvm(_)
             | Error::Loader(_)
-            | Error::TooManyVcpus { .. }
+            | Error::Host(_)
             | Error::PvmLinux(_)
             | Error::ConsoleDir { .. }
             | Error::ConsoleFile { .. }
@@ -219,29 +217,18 @@ fn preflight(cfg: &Config) -> Result<Preflight> {
             kernels.insert(vm.kernel.clone(), KernelImage::open(&vm.kernel)?);
         }
         kernels[&vm.kernel].check_cmdline(&vm.cmdline_for(index))?;
+        kernels[&vm.kernel].check_fits(vm.memory)?;
         if let Some(path) = &vm.initrd {
             if !initrds.contains_key(path) {
                 initrds.insert(path.clone(), InitrdImage::open(path)?);
             }
         }
     }
+    // What the host can hold (memory, cgroup, files, threads): before /dev/kvm is even opened.
+    host::admit(cfg)?;
     let host = Host::open()?;
-    let (max, why) = if host.max_vcpus() < usize::from(arch::mptable::MAX_VCPUS) {
-        (host.max_vcpus(), "KVM's limit")
-    } else {
-        (
-            usize::from(arch::mptable::MAX_VCPUS),
-            "what the MP table holds",
-        )
-    };
+    host::admit_vcpus(cfg, host.max_vcpus())?;
     for vm in &cfg.vms {
-        if usize::from(vm.vcpus) > max {
-            return Err(Error::TooManyVcpus {
-                requested: vm.vcpus,
-                max,
-                why,
-            });
-        }
         if host.flavor() == Flavor::Pvm && kernels[&vm.kernel].mode() == EntryMode::Linux {
             return Err(Error::PvmLinux(vm.kernel.display().to_string()));
         }
@@ -471,6 +458,24 @@ fn run_fleet(
         None
     };
 
+    // The overcommit guard (src/pressure.rs): stops the guests that free most when memory runs
+    // short, before the OOM killer would end the whole process. Dropped before teardown.
+    let pressure_vms = vms
+        .iter()
+        .map(|vm| pressure::Guarded {
+            shared: vm.shared().clone(),
+            control: vm.control().clone(),
+            ram: vm.ram().clone(),
+        })
+        .collect();
+    let pressure = match pressure::Guard::start(pressure_vms) {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            log::warn!("cannot start the memory pressure guard ({e}); running without it");
+            None
+        }
+    };
+
     let control = Arc::new(Mutex::new(Control {
         vms,
         signals: signals.clone(),
@@ -495,6 +500,7 @@ fn run_fleet(
     if let Err(e) = looped {
         stop_all(&vms, VmEnd::Vmm("control loop failed".into()));
         drop(c.merge.take());
+        drop(pressure);
         teardown(vms);
         return Err(e);
     }
@@ -516,6 +522,7 @@ fn run_fleet(
     if let (Some(status), Some(stats)) = (&dedup, &c.stats) {
         write_stats(stats, status, true);
     }
+    drop(pressure);
     let started = Instant::now();
     let reports = retire(vms, expects);
     log::debug!(

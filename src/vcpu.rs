@@ -141,6 +141,8 @@ pub enum VmEnd {
     Signal(i32),
     /// The user quit the interactive console.
     Quit,
+    /// kvmerge stopped the guest to relieve host or cgroup memory pressure (src/pressure.rs).
+    Shed,
 }
 
 impl VmEnd {
@@ -168,6 +170,7 @@ impl fmt::Display for VmEnd {
             VmEnd::Timeout => write!(f, "timed out"),
             VmEnd::Signal(sig) => write!(f, "stopped by signal {sig}"),
             VmEnd::Quit => write!(f, "stopped from the console"),
+            VmEnd::Shed => write!(f, "stopped to relieve host memory pressure"),
         }
     }
 }

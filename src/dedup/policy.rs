@@ -86,15 +86,17 @@ fn parse_fixed(spec: &str, rest: &str) -> Result<PolicyKind> {
         reason,
     };
     let (pages, ms) = rest.split_once(':').ok_or_else(|| bad("MS is missing"))?;
-    let pages: u32 = pages.parse().map_err(|_| bad("PAGES is not a number"))?;
-    let ms: u32 = ms.parse().map_err(|_| bad("MS is not a number"))?;
-    if !(1..=MAX_PAGES_TO_SCAN).contains(&pages) {
+    // Parsed wider than the knobs, so that a too large number is called out of range.
+    let pages: u64 = pages.parse().map_err(|_| bad("PAGES is not a number"))?;
+    let ms: u64 = ms.parse().map_err(|_| bad("MS is not a number"))?;
+    if !(1..=u64::from(MAX_PAGES_TO_SCAN)).contains(&pages) {
         return Err(bad("PAGES is out of range"));
     }
     // A zero sleep makes ksmd spin; the kernel allows it, kvmerge does not.
-    if !(1..=MAX_SLEEP_MILLISECS).contains(&ms) {
+    if !(1..=u64::from(MAX_SLEEP_MILLISECS)).contains(&ms) {
         return Err(bad("MS is out of range"));
     }
+    let (pages, ms) = (pages as u32, ms as u32);
     Ok(PolicyKind::Fixed {
         pages_to_scan: pages,
         sleep_millisecs: ms,
