@@ -14,8 +14,10 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, mpsc};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
+
+use crate::sync::lock;
 
 /// Buffer of one lane: enough for bursts of console output without holding much memory per guest.
 pub const LANE_CAPACITY: usize = 64 * 1024;
@@ -333,6 +335,17 @@ pub fn spawn_with_signals_blocked(
     // SAFETY: valid sets; only this thread's mask changes, and it is put back below.
     unsafe {
         libc::sigfillset(&mut all);
+        // Signals the kernel raises for this thread's own faults stay deliverable: blocked, they
+        // would kill the process without their handlers (SIGSYS: the seccomp report).
+        for sig in [
+            libc::SIGSYS,
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGFPE,
+            libc::SIGILL,
+        ] {
+            libc::sigdelset(&mut all, sig);
+        }
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
     }
     let result = std::thread::Builder::new().name(name.into()).spawn(f);
@@ -368,6 +381,13 @@ fn stderr() -> Option<&'static Stderr> {
             })
         })
         .as_ref()
+}
+
+/// Starts kvmerge's stderr writer now, from the calling thread. Call it before seccomp filters
+/// are installed: a filtered thread (a console writer, say) may not start threads, so the writer
+/// must not be started lazily from one of them.
+pub fn start_stderr() {
+    let _ = stderr();
 }
 
 /// Writes `text` and a newline to stderr without blocking and without failing: errors are
@@ -410,11 +430,6 @@ pub fn finish_stderr(within: Duration) {
     }
 }
 
-/// Locks, ignoring poisoning: the buffers stay consistent whatever a panicking holder did.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,11 +463,12 @@ mod tests {
             .expect("writer thread");
         let lane = &lanes[0];
         // Far more than the pipe (64 KiB) and the lane (4 KiB) hold: pushes must not block.
-        let line = [b'x'; 1023];
+        // One push per line, as the console pushes them.
+        let mut line = vec![b'x'; 1023];
+        line.push(b'\n');
         let start = Instant::now();
         for _ in 0..2048 {
             lane.push(&line);
-            lane.push(b"\n");
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::config::PAGE_SIZE as PAGE;
 use crate::host::{self, MemoryCgroup};
 use crate::memory::GuestRam;
 use crate::vcpu::VmEnd;
@@ -40,8 +41,6 @@ pub const POLL: Duration = Duration::from_millis(10);
 pub const MIN_RESERVE: u64 = 64 << 20;
 /// How many of the most resident guests are measured page by page before one is chosen.
 const REFINE: usize = 4;
-
-const PAGE: u64 = 4096;
 /// Scratch space of the page walks: 8192 pagemap entries, or mincore bytes for 256 MiB.
 const BUF: usize = 64 << 10;
 

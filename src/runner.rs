@@ -33,6 +33,8 @@ use crate::terminal::{EscapeDecoder, Input, RawMode};
 use crate::vcpu::VmEnd;
 use crate::vm::{self, BootSources, Vm, VmIo};
 
+use crate::sync::lock;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -305,6 +307,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let pre = preflight(cfg)?;
     // Before any thread starts: vCPU and merge threads install their filters as they start.
     let seccomp_events = seccomp::prepare(cfg.seccomp)?;
+    output::start_stderr();
     if let ConsoleMode::Dir(dir) = &cfg.console {
         std::fs::create_dir_all(dir).map_err(|source| Error::ConsoleDir {
             path: dir.display().to_string(),
@@ -821,10 +824,6 @@ fn teardown(vms: Vec<Vm>) {
     let n = vms.len();
     let slots: Vec<Mutex<Option<Vm>>> = vms.into_iter().map(|vm| Mutex::new(Some(vm))).collect();
     spread(n, STOP_WORKERS, |i| drop(lock(&slots[i]).take()));
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Ends every VM still running with `why`: tells every vCPU thread of every VM to leave the guest

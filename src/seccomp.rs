@@ -198,7 +198,7 @@ pub fn prepare(mode: SeccompMode) -> Result<Option<RawFd>> {
         return Ok(None);
     }
     let programs = compile_all(mode, std::process::id())?;
-    *PROGRAMS.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(programs));
+    *crate::sync::lock(&PROGRAMS) = Some(Arc::new(programs));
     MODE.store(code, Ordering::SeqCst);
     if mode != SeccompMode::Kill {
         return Ok(None);
@@ -224,7 +224,7 @@ pub fn install(kind: ThreadKind) -> Result<()> {
     if MODE.load(Ordering::SeqCst) == MODE_OFF {
         return Ok(());
     }
-    let programs = PROGRAMS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let programs = crate::sync::lock(&PROGRAMS).clone();
     let Some(programs) = programs else {
         return Ok(());
     };
@@ -414,6 +414,13 @@ fn runtime(pid: u32) -> Rules {
     r.allow_if(libc::SYS_tgkill, vec![eq(0, u64::from(pid))]);
     // The SIGSYS handler names the thread it stops.
     r.allow_arg(libc::SYS_prctl, 0, &[libc::PR_GET_NAME as u64]);
+    // The panic hook runs in whichever thread panics and puts back a terminal the interactive
+    // console made raw.
+    r.allow_arg(
+        libc::SYS_ioctl,
+        1,
+        &[libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF],
+    );
     r
 }
 

@@ -56,11 +56,11 @@ impl RawMode {
         raw.c_cc[libc::VMIN] = 1;
         raw.c_cc[libc::VTIME] = 0;
         // Registered before the change, so a panic at any point after it can undo it.
-        *SAVED.lock().unwrap_or_else(|p| p.into_inner()) = Some((fd, saved));
+        *crate::sync::lock(&SAVED) = Some((fd, saved));
         // SAFETY: `raw` is a valid termios derived from the current one.
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
             let err = std::io::Error::last_os_error();
-            *SAVED.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *crate::sync::lock(&SAVED) = None;
             return Err(err);
         }
         Ok(RawMode { fd, saved })
@@ -71,7 +71,7 @@ impl Drop for RawMode {
     fn drop(&mut self) {
         // SAFETY: restores the exact settings read in `enter`.
         unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
-        *SAVED.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *crate::sync::lock(&SAVED) = None;
     }
 }
 

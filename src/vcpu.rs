@@ -354,7 +354,7 @@ impl Gate {
     }
 
     fn lock(&self) -> MutexGuard<'_, Mail> {
-        self.mail.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.mail)
     }
 
     fn wait_until<'a>(
@@ -702,7 +702,7 @@ impl VcpuHandle {
     /// Makes the thread leave KVM_RUN (or not enter it) and look at the gate. Returns whether the
     /// signal was sent; a failure is logged and made good by the callers' re-sends.
     pub fn kick(&self) -> bool {
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        let thread = crate::sync::lock(&self.thread);
         let Some(thread) = thread.as_ref() else {
             return false;
         };
@@ -725,7 +725,7 @@ impl VcpuHandle {
     /// Joins the thread if it acknowledged its exit; otherwise leaves it detached rather than
     /// hanging the VMM on a vCPU stuck in the kernel (it keeps guest RAM mapped until it ends).
     pub fn join(&self, acked_exit: bool) {
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let thread = crate::sync::lock(&self.thread).take();
         if let Some(thread) = thread {
             if acked_exit {
                 if thread.join().is_err() {

@@ -342,7 +342,7 @@ impl VmControl {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ControlInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.inner)
     }
 
     pub fn state(&self) -> Lifecycle {

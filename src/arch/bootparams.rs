@@ -8,6 +8,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 
 use super::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, ZERO_PAGE_START};
 use super::{Error, Result, SystemConfig};
+use crate::config::PAGE_SIZE;
 
 /// `boot_flag`: the 0xAA55 boot-sector signature.
 const BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -28,8 +29,6 @@ const LEGACY_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
-
-const PAGE_SIZE: u64 = 0x1000;
 
 /// The longest command line (bytes, without the NUL) the kernel accepts: the header's
 /// `cmdline_size` for a bzImage of protocol 2.06 or later, 255 for older ones, and 2047

@@ -136,7 +136,7 @@ pub struct SystemConfig<'a> {
 /// Writes the VM-wide boot structures: GDT and TSS, identity page tables, command line,
 /// boot_params and MP table.
 pub fn configure_system(mem: &GuestMemoryMmap<()>, cfg: &SystemConfig) -> Result<()> {
-    check_vcpu_count(cfg.num_vcpus)?;
+    mptable::check_vcpu_count(cfg.num_vcpus)?;
     gdt::write_gdt(mem)?;
     gdt::write_tss(mem)?;
     paging::setup_identity_map(mem)?;
@@ -163,7 +163,7 @@ pub fn configure_vcpu(
     entry: GuestAddress,
     mode: EntryMode,
 ) -> Result<()> {
-    check_vcpu_count(num_vcpus)?;
+    mptable::check_vcpu_count(num_vcpus)?;
     if index >= num_vcpus {
         return Err(Error::VcpuIndex { index, num_vcpus });
     }
@@ -188,13 +188,6 @@ pub fn configure_vcpu(
             mp_state: KVM_MP_STATE_RUNNABLE,
         })
         .map_err(kvm_error("KVM_SET_MP_STATE"))?;
-    }
-    Ok(())
-}
-
-fn check_vcpu_count(num_vcpus: u8) -> Result<()> {
-    if num_vcpus == 0 || num_vcpus > mptable::MAX_VCPUS {
-        return Err(Error::VcpuCount(num_vcpus));
     }
     Ok(())
 }

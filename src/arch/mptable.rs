@@ -176,11 +176,18 @@ fn push<T: ByteValued>(buf: &mut Vec<u8>, value: T) {
     buf.extend_from_slice(value.as_slice());
 }
 
-/// The floating pointer followed by the configuration table, as written at [`MPTABLE_START`].
-fn mptable_bytes(num_vcpus: u8) -> Result<Vec<u8>> {
+/// The one check of a VM's vCPU count in the boot layer: what the MP table can describe. Users
+/// see the same limit earlier, from `Config::validate` (`config::MAX_VCPUS` is this one).
+pub fn check_vcpu_count(num_vcpus: u8) -> Result<()> {
     if num_vcpus == 0 || num_vcpus > MAX_VCPUS {
         return Err(Error::VcpuCount(num_vcpus));
     }
+    Ok(())
+}
+
+/// The floating pointer followed by the configuration table, as written at [`MPTABLE_START`].
+fn mptable_bytes(num_vcpus: u8) -> Result<Vec<u8>> {
+    check_vcpu_count(num_vcpus)?;
     let ioapic_id = num_vcpus;
 
     let mut entries = Vec::new();

@@ -18,7 +18,8 @@ use crate::memory::GuestRam;
 use crate::vcpu;
 use crate::vm::{self, VmControl};
 
-pub const PAGE_SIZE: usize = 4096;
+/// [`crate::config::PAGE_SIZE`] as a `usize`, for pointer arithmetic.
+pub const PAGE_SIZE: usize = crate::config::PAGE_SIZE as usize;
 const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;
 
 /// Pages checked per pause at first; the scanner then sizes batches so that a pause lasts about

@@ -10,6 +10,8 @@ use crate::devices::i8042::{I8042, Request};
 use crate::devices::serial::SerialPort;
 use crate::vcpu::VmEnd;
 
+use crate::sync::lock;
+
 /// COM1.
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;
 pub const SERIAL_PORT_LEN: u16 = 8;
@@ -89,11 +91,6 @@ impl Devices {
             log::warn!("console output failed: {e}");
         }
     }
-}
-
-/// A device lock poisoned by a panicking vCPU thread still guards consistent register state.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn serial_offset(port: u16) -> Option<u8> {
