@@ -63,15 +63,21 @@ fn linux_run(args: &[&str]) -> Option<Outcome> {
     if !linux_available() || !linux_images() {
         return None;
     }
+    // Guests booted by one run: every one of them must print GUEST-READY.
+    let guests = args
+        .iter()
+        .position(|a| *a == "--count")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(1);
     let mut attempt = 1;
     loop {
         let mut cmd = Command::new(repo_root().join("scripts/linux-run"));
         cmd.env("KVMERGE_BIN", env!("CARGO_BIN_EXE_kvmerge"))
-            .args(["--lab-timeout", "400", "--"])
+            .args(["--lab-timeout", "500", "--"])
             .args(args)
             .stdin(std::process::Stdio::null());
         let out = run_with_limit(cmd, LIMIT);
-        let Some(fault) = lab_fault(&out) else {
+        let Some(fault) = lab_fault(&out, guests) else {
             return Some(out);
         };
         if attempt == LAB_ATTEMPTS {
@@ -94,7 +100,8 @@ const LAB_ATTEMPTS: u32 = 3;
 /// the VMM: the L2 guest kernel panicked or triple-faulted, a guest hung before it was ready, or
 /// L1 died or hung. `scripts/lab-stress` measures this with QEMU microvm as a control. Never for
 /// runs on hardware KVM, and never for a VMM error, a wrong exit code or a missing marker.
-fn lab_fault(out: &Outcome) -> Option<&'static str> {
+/// `guests` is how many guests the run booted (a hung guest may not have printed anything).
+fn lab_fault(out: &Outcome, guests: usize) -> Option<&'static str> {
     if !out
         .stderr
         .contains("running kvmerge inside the nested KVM lab")
@@ -108,7 +115,7 @@ fn lab_fault(out: &Outcome) -> Option<&'static str> {
         Some("an L2 guest kernel panicked")
     } else if console("crashed: triple fault") {
         Some("an L2 guest triple-faulted")
-    } else if console(": timed out") && count(out, "GUEST-READY") < count(out, "] Linux version ") {
+    } else if console(": timed out") && count(out, "GUEST-READY") < guests {
         Some("an L2 guest hung before it was ready")
     } else {
         None
@@ -145,7 +152,7 @@ fn boot(kernel: &str, memory: &str, extra: &[&str], cmdline: &str) -> Option<Out
     args.extend_from_slice(extra);
     // A guest that hangs fails in minutes, not at the lab's own limit.
     if !extra.contains(&"--timeout") {
-        args.extend_from_slice(&["--timeout", "180s"]);
+        args.extend_from_slice(&["--timeout", "300s"]);
     }
     linux_run(&args)
 }
@@ -282,33 +289,36 @@ fn only_lab_faults_are_run_again() {
         elapsed: Duration::ZERO,
     };
     let panicked = "[vm1] [   10.35] Kernel panic - not syncing: corrupted stack end\n";
-    assert!(lab_fault(&outcome(panicked, lab)).is_some());
-    assert!(lab_fault(&outcome("kvmerge: vm3: crashed: triple fault\n", lab)).is_some());
+    assert!(lab_fault(&outcome(panicked, lab), 1).is_some());
+    assert!(lab_fault(&outcome("kvmerge: vm3: crashed: triple fault\n", lab), 1).is_some());
     let l1_died = "    | [    8.78] Kernel panic - not syncing: corrupted stack end detected inside \
                    scheduler\nkvm-lab: L1 ended during the scenario without LAB-EXIT\n";
     assert_eq!(
-        lab_fault(&outcome("", l1_died)),
+        lab_fault(&outcome("", l1_died), 1),
         None,
         "not through the lab"
     );
     assert_eq!(
-        lab_fault(&outcome("", &format!("{lab}{l1_died}"))),
+        lab_fault(&outcome("", &format!("{lab}{l1_died}")), 1),
         Some("L1 died or hung")
     );
     let hung = "[vm0] [    0.0] Linux version 6.1\n[vm1] [    0.0] Linux version 6.1\n\
                 [vm0] GUEST-READY 2.1\nkvmerge: vm1: timed out\n";
-    assert!(lab_fault(&outcome(hung, lab)).is_some());
+    assert!(lab_fault(&outcome(hung, lab), 2).is_some());
+    // A guest that timed out before it printed a line (the lab was too slow to boot it) too.
+    let silent = "kvmerge: vm0: timed out\nkvmerge: --timeout expired\n";
+    assert!(lab_fault(&outcome(silent, lab), 1).is_some());
     // A guest that was ready and then timed out (the idle test) is a verdict, not a lab fault.
     let idle = "[    0.0] Linux version 6.1\nGUEST-READY 2.1\nkvmerge: vm0: timed out\n";
-    assert_eq!(lab_fault(&outcome(idle, lab)), None);
+    assert_eq!(lab_fault(&outcome(idle, lab), 1), None);
     // Wrong exit codes and VMM errors always count.
     let wrong_code = "GUEST-READY 2.1\nkvmerge: vm0: exited with code 7\n";
-    assert_eq!(lab_fault(&outcome(wrong_code, lab)), None);
+    assert_eq!(lab_fault(&outcome(wrong_code, lab), 1), None);
     assert_eq!(
-        lab_fault(&outcome("kvmerge: vm0: KVM_RUN failed\n", lab)),
+        lab_fault(&outcome("kvmerge: vm0: KVM_RUN failed\n", lab), 1),
         None
     );
     // On hardware KVM every run counts, panics included.
     let direct = "linux-run: hardware KVM (svm): running kvmerge directly\n";
-    assert_eq!(lab_fault(&outcome(panicked, direct)), None);
+    assert_eq!(lab_fault(&outcome(panicked, direct), 1), None);
 }
