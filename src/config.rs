@@ -21,11 +21,16 @@ pub enum Error {
     ZeroCount,
     #[error("--vcpus must be at least 1")]
     ZeroVcpus,
+    // The user's text is escaped: a message stays one line whatever it holds.
     #[error(
-        "invalid size '{0}': use a number with an optional K, M, G or T suffix (bare numbers are MiB)"
+        "invalid size '{}': use a number with an optional K, M, G or T suffix (bare numbers are MiB)",
+        .0.escape_debug()
     )]
     BadSize(String),
-    #[error("invalid duration '{0}': use e.g. 500ms, 30s, 2m (bare numbers are seconds)")]
+    #[error(
+        "invalid duration '{}': use e.g. 500ms, 30s, 2m (bare numbers are seconds)",
+        .0.escape_debug()
+    )]
     BadDuration(String),
     #[error("--timeout must be longer than zero")]
     ZeroTimeout,
@@ -278,6 +283,22 @@ mod tests {
         for bad in ["", "s", "10 parsecs", "-1s", "1e99h"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn bad_values_are_quoted_on_one_line() {
+        // Found by tests/fuzz (sizes): a line break in the value split the message.
+        let size = parse_size("1\n5G").unwrap_err().to_string();
+        assert!(size.starts_with(r"invalid size '1\n5G': "), "{size}");
+        let duration = parse_duration("1\r5s").unwrap_err().to_string();
+        assert!(
+            duration.starts_with(r"invalid duration '1\r5s': "),
+            "{duration}"
+        );
+        assert_eq!(
+            parse_size("lots").unwrap_err().to_string(),
+            "invalid size 'lots': use a number with an optional K, M, G or T suffix (bare numbers are MiB)"
+        );
     }
 
     #[test]
