@@ -35,8 +35,10 @@ pub enum Error {
     #[error("--timeout must be longer than zero")]
     ZeroTimeout,
     #[error(
-        "trust groups '{0}' and '{1}' both use dedup 'full', but the kernel has one KSM pool per \
-         host, so their memory would be merged together; give all but one group dedup 'zero'"
+        "trust groups '{}' and '{}' both use dedup 'full', but the kernel has one KSM pool per \
+         host, so their memory would be merged together; give all but one group dedup 'zero'",
+        .0.escape_debug(),
+        .1.escape_debug()
     )]
     GroupsShareKsm(String, String),
 }
@@ -334,6 +336,13 @@ mod tests {
         assert_eq!(
             c.validate(),
             Err(Error::GroupsShareKsm("default".into(), "tenant-b".into()))
+        );
+        // Found by tests/fuzz (fleet): a line break in a group name split the message.
+        c.vms[1].group = "tenant\nb".into();
+        let message = c.validate().unwrap_err().to_string();
+        assert!(
+            message.starts_with(r"trust groups 'default' and 'tenant\nb' both use"),
+            "{message}"
         );
         // The second group without KSM is fine: zero-page reclaim shares nothing across VMs.
         c.vms[1].dedup = DedupMode::Zero;
