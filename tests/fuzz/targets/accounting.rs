@@ -1,8 +1,8 @@
 //! Memory accounting (`Accountant::snapshot`) over fuzzed /proc files: pagemap entries decoded
 //! per page, and either kpageflags/kpagecount (per-page accounting, as root) or smaps text
 //! (per-VMA accounting, unprivileged). Checks that the figures stay honest: per VM, merged and
-//! zero pages never exceed resident ones; the fleet's distinct frames never exceed its resident
-//! pages.
+//! zero pages never exceed resident ones, and per page no more pages are resident than the range
+//! holds; the fleet's distinct frames never exceed its resident pages.
 //!
 //! Input: mode (bit 0: frames, bit 1: a zero-page frame follows as u16), 1-4 ranges of (vm,
 //! first page u16, pages u8, byte offset into the first page u8), pagemap/kpageflags/kpagecount
@@ -57,10 +57,14 @@ fn run(data: &[u8]) {
     for (usage, range) in snapshot.per_vm.iter().zip(&ranges) {
         assert!(usage.ksm + usage.zero <= usage.resident, "{usage:?}");
         assert!(usage.shared_with_other_vms <= usage.resident, "{usage:?}");
-        assert!(
-            usage.resident <= range.len.div_ceil(PAGE_SIZE) + 1,
-            "{usage:?}"
-        );
+        // Per page, residency is exact. Per VMA it is exact for the kernel's smaps, whose VMAs
+        // never overlap; fuzzed smaps text may list a page in two VMAs and count it twice.
+        if mode & 1 != 0 {
+            assert!(
+                usage.resident <= range.len.div_ceil(PAGE_SIZE) + 1,
+                "{usage:?}"
+            );
+        }
     }
     if let Some(distinct) = snapshot.distinct_frames {
         assert!(distinct <= snapshot.total.resident, "{snapshot:?}");
