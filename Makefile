@@ -3,6 +3,7 @@
 #   make demo          boot a small fleet of Linux guests and show them running
 #   make test          everything the test suite needs, then the suite
 #   make lint          rustfmt + clippy, as CI runs them
+#   make fuzz-smoke    20 s of every fuzz target (tests/fuzz); fails on a crash
 #
 # Every target installs what it needs (scripts/install-deps) on a fresh Debian machine. Guest
 # images are cached outside the tree (~/.cache/kvmerge or $KVMERGE_CACHE): a first tiny-kernel
@@ -12,7 +13,7 @@ CARGO ?= cargo
 KVMERGE := target/release/kvmerge
 DEBIAN_CLOUD_VMLINUZ := guest-images/out/debian-cloud-vmlinuz
 
-.PHONY: all deps build guest-images test unit-test lint demo lab-test clean
+.PHONY: all deps build guest-images test unit-test lint demo lab-test fuzz fuzz-smoke clean
 
 all: build guest-images
 
@@ -50,6 +51,16 @@ lab-test: deps guest-images
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+# Coverage-guided fuzzing with cargo-afl on stable rustc (tests/fuzz/README.md).
+FUZZ_SECONDS ?= 600
+fuzz-smoke: deps
+	@scripts/install-fuzz-deps
+	scripts/fuzz --smoke
+
+fuzz: deps
+	@scripts/install-fuzz-deps
+	scripts/fuzz $(FUZZ_SECONDS)
 
 demo: build guest-images
 	@scripts/demo

@@ -49,17 +49,24 @@ pub enum Error {
     Overcommit(String),
     #[error("--console '{0}': give 'prefix', 'none' or a directory for the vmK.log files")]
     ConsoleEmpty(String),
+    // The user's text is escaped: a message stays one line whatever it holds.
     #[error(
-        "invalid size '{0}': use a number with an optional K, M, G or T suffix (bare numbers are MiB)"
+        "invalid size '{}': use a number with an optional K, M, G or T suffix (bare numbers are MiB)",
+        .0.escape_debug()
     )]
     BadSize(String),
-    #[error("invalid duration '{0}': use e.g. 500ms, 30s, 2m (bare numbers are seconds)")]
+    #[error(
+        "invalid duration '{}': use e.g. 500ms, 30s, 2m (bare numbers are seconds)",
+        .0.escape_debug()
+    )]
     BadDuration(String),
     #[error("--timeout must be longer than zero")]
     ZeroTimeout,
     #[error(
-        "trust groups '{0}' and '{1}' both use dedup 'full', but the kernel has one KSM pool per \
-         host, so their memory would be merged together; give all but one group dedup 'zero'"
+        "trust groups '{}' and '{}' both use dedup 'full', but the kernel has one KSM pool per \
+         host, so their memory would be merged together; give all but one group dedup 'zero'",
+        .0.escape_debug(),
+        .1.escape_debug()
     )]
     GroupsShareKsm(String, String),
 }
@@ -335,6 +342,22 @@ mod tests {
     }
 
     #[test]
+    fn bad_values_are_quoted_on_one_line() {
+        // Found by tests/fuzz (sizes): a line break in the value split the message.
+        let size = parse_size("1\n5G").unwrap_err().to_string();
+        assert!(size.starts_with(r"invalid size '1\n5G': "), "{size}");
+        let duration = parse_duration("1\r5s").unwrap_err().to_string();
+        assert!(
+            duration.starts_with(r"invalid duration '1\r5s': "),
+            "{duration}"
+        );
+        assert_eq!(
+            parse_size("lots").unwrap_err().to_string(),
+            "invalid size 'lots': use a number with an optional K, M, G or T suffix (bare numbers are MiB)"
+        );
+    }
+
+    #[test]
     fn validation() {
         assert_eq!(config().validate(), Ok(()));
         assert_eq!(config().vms[0].cmdline_for(3), "id=3");
@@ -394,6 +417,13 @@ mod tests {
         assert_eq!(
             c.validate(),
             Err(Error::GroupsShareKsm("default".into(), "tenant-b".into()))
+        );
+        // Found by tests/fuzz (fleet): a line break in a group name split the message.
+        c.vms[1].group = "tenant\nb".into();
+        let message = c.validate().unwrap_err().to_string();
+        assert!(
+            message.starts_with(r"trust groups 'default' and 'tenant\nb' both use"),
+            "{message}"
         );
         // The second group without KSM is fine: zero-page reclaim shares nothing across VMs.
         c.vms[1].dedup = DedupMode::Zero;

@@ -75,6 +75,10 @@ pub use crate::config::MAX_VCPUS;
 /// The largest fleet file kvmerge reads: a fleet of thousands of distinct kinds fits in a few
 /// hundred KiB, and a wrong path (a log, /dev/zero) is refused before it is read.
 pub const MAX_FLEET_FILE: u64 = 1 << 20;
+/// Most bytes of text (command line, paths, group) the expanded fleet may hold: every VM of a
+/// `[[vm]]` with `count` gets its own copy, so without a bound a small file could make kvmerge
+/// allocate gigabytes before any other check (65536 VMs with 2 KiB command lines fit).
+pub const MAX_FLEET_TEXT: u64 = 256 << 20;
 /// What a fleet VM gets without `memory`: the `--memory` default.
 pub const DEFAULT_MEMORY: u64 = 128 << 20;
 /// What a fleet VM gets without `cmdline`: the `--cmdline` default.
@@ -143,6 +147,7 @@ pub fn parse(text: &str, base_dir: &Path, file_name: &str) -> Result<Vec<VmConfi
     }
     let defaults = fleet.defaults;
     let mut vms = Vec::new();
+    let mut text_bytes = 0u64;
     for (index, entry) in fleet.vm.0.into_iter().enumerate() {
         let span = entry.span();
         let vm = entry.into_inner();
@@ -190,6 +195,22 @@ pub fn parse(text: &str, base_dir: &Path, file_name: &str) -> Result<Vec<VmConfi
                 .or_else(|| defaults.group.clone())
                 .map_or_else(|| DEFAULT_GROUP.to_string(), |g| g.0),
         };
+        let text = config.kernel.as_os_str().len()
+            + config.initrd.as_ref().map_or(0, |p| p.as_os_str().len())
+            + config.cmdline.len()
+            + config.group.len();
+        text_bytes += u64::from(count) * text as u64;
+        if text_bytes > MAX_FLEET_TEXT {
+            return Err(error(
+                Some(span),
+                &format!(
+                    "{label} brings the fleet's command lines and paths to {} MiB (each of its \
+                     {count} VMs holds a copy); at most {} MiB per run: shorten them or lower count",
+                    text_bytes >> 20,
+                    MAX_FLEET_TEXT >> 20
+                ),
+            ));
+        }
         vms.extend(std::iter::repeat_n(config, count as usize));
     }
     Ok(vms)
@@ -619,6 +640,20 @@ mod tests {
             rejected(text),
             "fleet.toml:5: [[vm]] 'one-more' brings the fleet to 65537 VMs; at most 65536 per run"
         );
+    }
+
+    #[test]
+    fn expanded_text_is_bounded() {
+        // Found with tests/fuzz (fleet): a 100 KB file asked for 6.5 GB of VM descriptions.
+        let long = "x".repeat(100_000);
+        let text = format!("[[vm]]\nkernel = 'k'\ncount = 65536\ncmdline = '{long}'\n");
+        assert_eq!(
+            rejected(&text),
+            "fleet.toml:1: [[vm]] #1 brings the fleet's command lines and paths to 6251 MiB (each \
+             of its 65536 VMs holds a copy); at most 256 MiB per run: shorten them or lower count"
+        );
+        let text = "[[vm]]\nkernel = 'k'\ncount = 65536\ncmdline = 'console=ttyS0 quiet'\n";
+        assert_eq!(fleet(text).unwrap().len(), 65536);
     }
 
     #[test]

@@ -11,6 +11,9 @@ pub mod console;
 pub mod dedup;
 pub mod devices;
 pub mod fleet;
+/// Entry points for tests/fuzz; not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod kvm;
 pub mod loader;

@@ -421,15 +421,21 @@ fn identify(path: &Path, bytes: &[u8]) -> Result<(Format, EntryMode)> {
 }
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn u64_at(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(off..off.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 /// What the program headers of a 64-bit ELF say about where it loads.
@@ -733,5 +739,11 @@ mod tests {
         let mut elf = elf_with_note(&note(PAYLOAD_NOTE_NAME, PAYLOAD_NOTE_TYPE));
         elf[152..160].copy_from_slice(&u64::MAX.to_le_bytes()); // the note's p_filesz
         assert!(!has_payload_note(&elf));
+        // Found by tests/fuzz (loader): a program header table at the top of the address space
+        // overflowed the offset arithmetic of the field readers.
+        let mut elf = elf_with_note(&note(PAYLOAD_NOTE_NAME, PAYLOAD_NOTE_TYPE));
+        elf[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(!has_payload_note(&elf));
+        assert_eq!(u32_at(&elf, usize::MAX - 1), None);
     }
 }

@@ -63,7 +63,11 @@ pub fn initrd_load_addr(
         Some(max) => ram_end.min(max.saturating_add(1)),
         None => ram_end,
     };
-    let floor = align_up(kernel_end(setup_header), PAGE_SIZE);
+    // A header may put the kernel's end anywhere (pref_address is 64-bit); past the last page,
+    // nothing fits above it.
+    let floor = kernel_end(setup_header)
+        .checked_next_multiple_of(PAGE_SIZE)
+        .unwrap_or(u64::MAX);
     let available = top.saturating_sub(floor);
     match top.checked_sub(size).map(|start| start & !(PAGE_SIZE - 1)) {
         Some(start) if start >= floor => Ok(GuestAddress(start)),
@@ -450,6 +454,18 @@ mod tests {
         assert!(matches!(
             initrd_load_addr(&mem, Some(&hdr), 16 * MIB + 1),
             Err(Error::InitrdDoesNotFit { available, .. }) if available == 16 * MIB
+        ));
+    }
+
+    #[test]
+    fn initrd_above_a_kernel_that_ends_past_the_address_space_does_not_fit() {
+        // Found by tests/fuzz (loader): rounding the kernel's end up to a page overflowed.
+        let mem = memory(64 * MIB);
+        let mut hdr = bzimage_header();
+        hdr.pref_address = u64::MAX - 0x10;
+        assert!(matches!(
+            initrd_load_addr(&mem, Some(&hdr), 0x1000),
+            Err(Error::InitrdDoesNotFit { available: 0, .. })
         ));
     }
 

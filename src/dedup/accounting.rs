@@ -205,6 +205,36 @@ impl Accountant {
         }
     }
 
+    /// An accountant that reads the given files instead of /proc: per page when `frames`
+    /// (kpageflags, kpagecount, the zero page's frame) is given, per VMA from `smaps` otherwise.
+    /// For the fuzz targets (tests/fuzz, through `crate::fuzzing`).
+    pub(crate) fn over_files(
+        pagemap: File,
+        smaps: File,
+        frames: Option<(File, File, Option<u64>)>,
+    ) -> Accountant {
+        let backend = match frames {
+            Some((kpageflags, kpagecount, zero_pfn)) => Backend::Frames(Frames {
+                kpageflags,
+                kpagecount,
+                zero_pfn,
+                pairs: Vec::new(),
+                flags: Vec::new(),
+                counts: Vec::new(),
+            }),
+            None => Backend::Smaps(Smaps {
+                file: Some(smaps),
+                ..Smaps::default()
+            }),
+        };
+        Accountant {
+            pagemap: Some(pagemap),
+            backend,
+            entries: Vec::new(),
+            order: Vec::new(),
+        }
+    }
+
     pub fn source(&self) -> Source {
         match self.backend {
             Backend::Frames(_) => Source::Pagemap,
@@ -652,10 +682,11 @@ fn parse_smaps(smaps: &str, ranges: &[VmRange], order: &[usize], out: &mut Vec<V
         let Some(vma) = out.last_mut().filter(|_| current) else {
             continue;
         };
+        // kB to pages by division: `kb * 1024` overflows on absurd values.
         if let Some(kb) = kb_field(line, "Rss:") {
-            vma.rss = kb * 1024 / PAGE_SIZE;
+            vma.rss = kb / (PAGE_SIZE / 1024);
         } else if let Some(kb) = kb_field(line, "KSM:") {
-            vma.ksm = Some(kb * 1024 / PAGE_SIZE);
+            vma.ksm = Some(kb / (PAGE_SIZE / 1024));
         }
     }
 }
@@ -1155,6 +1186,20 @@ KSM:                   0 kB
             .map(|p| (p.owner, p.pages.end - p.pages.start))
             .collect();
         assert_eq!(owners, [(Some(3), 256), (None, 256)]);
+    }
+
+    #[test]
+    fn smaps_sizes_near_the_u64_limit_do_not_overflow() {
+        // Found by tests/fuzz (accounting): converting kB to pages multiplied first.
+        let ranges = fixture_ranges();
+        let mut order = Vec::new();
+        sort_ranges(&ranges, &mut order).unwrap();
+        let text = "7f0000000000-7f0000100000 rw-p 00000000 00:00 0\n\
+                    Rss: 18446744073709551615 kB\nKSM: 18014398509481984 kB\n";
+        let mut vmas = Vec::new();
+        parse_smaps(text, &ranges, &order, &mut vmas);
+        assert_eq!(vmas[0].rss, u64::MAX / 4);
+        assert_eq!(vmas[0].ksm, Some(1 << 52));
     }
 
     fn part(owner: Option<usize>, present: u64, not_exclusive: u64) -> Part {

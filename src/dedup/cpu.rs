@@ -9,7 +9,7 @@ use std::fs;
 
 /// Cumulative CPU time of all online CPUs, in clock ticks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Times {
+pub(crate) struct Times {
     idle: u64,
     total: u64,
     cpus: u32,
@@ -18,7 +18,7 @@ struct Times {
 /// Parses /proc/stat: the `cpu` line's idle + iowait against the sum of its first eight columns
 /// (user, nice, system, idle, iowait, irq, softirq, steal; guest time is already inside user and
 /// nice), and the number of `cpuN` lines (online CPUs).
-fn parse(text: &str) -> Option<Times> {
+pub(crate) fn parse(text: &str) -> Option<Times> {
     let mut lines = text.lines();
     let first = lines.next()?;
     let mut fields = first.split_whitespace();
@@ -36,15 +36,16 @@ fn parse(text: &str) -> Option<Times> {
         .take_while(|l| l.starts_with("cpu"))
         .filter(|l| l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
         .count();
+    // Sums that overflow are not /proc/stat: no answer rather than a wrapped or panicking one.
     Some(Times {
-        idle: values[3] + values[4],
-        total: values.iter().sum(),
+        idle: values[3].checked_add(values[4])?,
+        total: values.iter().try_fold(0u64, |sum, &v| sum.checked_add(v))?,
         cpus: u32::try_from(cpus).ok().filter(|&n| n > 0)?,
     })
 }
 
 /// Idle CPUs (0..=number of CPUs) between two readings; None when no time passed.
-fn idle_between(before: Times, after: Times) -> Option<f64> {
+pub(crate) fn idle_between(before: Times, after: Times) -> Option<f64> {
     let total = after.total.checked_sub(before.total)?;
     let idle = after.idle.checked_sub(before.idle)?;
     if total == 0 {
@@ -97,6 +98,10 @@ mod tests {
         assert!(parse("intr 1 2\n").is_none());
         assert!(parse("cpu  1 2 x 4 5\ncpu0 1 2 3 4 5\n").is_none());
         assert!(parse("cpu  1 2 3 4 5\n").is_none(), "no per-CPU lines");
+        // Found by tests/fuzz (proc_text): column sums that overflow panicked.
+        let max = u64::MAX;
+        assert!(parse(&format!("cpu  {max} 1 2 3 4\ncpu0 1 2 3 4 5\n")).is_none());
+        assert!(parse(&format!("cpu  1 2 3 {max} 4\ncpu0 1 2 3 4 5\n")).is_none());
     }
 
     #[test]

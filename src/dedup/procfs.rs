@@ -71,7 +71,7 @@ pub fn read_process_ksm(pid: Option<u32>) -> Result<ProcessKsm> {
 
 /// Parses ksm_stat ("ksm_rmap_items 12", "ksm_merge_any: no", ...). Unknown lines are skipped for
 /// newer kernels. Returns whether a ksm_merging_pages line was present; a malformed line is the error.
-fn parse_ksm_stat(text: &str) -> std::result::Result<(ProcessKsm, bool), String> {
+pub(crate) fn parse_ksm_stat(text: &str) -> std::result::Result<(ProcessKsm, bool), String> {
     fn number<T: FromStr>(line: &str, value: &str) -> std::result::Result<T, String> {
         value.parse().map_err(|_| line.to_owned())
     }
@@ -106,11 +106,11 @@ fn parse_ksm_stat(text: &str) -> std::result::Result<(ProcessKsm, bool), String>
 
 /// The fields of /proc/PID/stat that kvmerge needs.
 #[derive(Debug, PartialEq, Eq)]
-struct TaskStat<'a> {
+pub(crate) struct TaskStat<'a> {
     comm: &'a str,
     flags: u64,
-    utime: u64,
-    stime: u64,
+    pub(crate) utime: u64,
+    pub(crate) stime: u64,
     /// Field 22: when the task started, in clock ticks after boot. With the pid it names one
     /// process for good: a pid is reused, a (pid, start time) pair is not.
     start_time: u64,
@@ -120,14 +120,14 @@ struct TaskStat<'a> {
 const PF_KTHREAD: u64 = 0x0020_0000;
 
 impl TaskStat<'_> {
-    fn is_ksmd(&self) -> bool {
+    pub(crate) fn is_ksmd(&self) -> bool {
         self.comm == "ksmd" && self.flags & PF_KTHREAD != 0
     }
 }
 
 /// Parses "PID (COMM) STATE PPID ...". COMM may contain spaces and parentheses, so the fields are
 /// counted from the last ')'.
-fn parse_task_stat(text: &str) -> Option<TaskStat<'_>> {
+pub(crate) fn parse_task_stat(text: &str) -> Option<TaskStat<'_>> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let comm = text.get(open + 1..close)?;
@@ -194,7 +194,7 @@ fn clock_ticks() -> Option<u64> {
     u64::try_from(hz).ok().filter(|&hz| hz > 0)
 }
 
-fn ticks_to_duration(ticks: u64, hz: u64) -> Option<Duration> {
+pub(crate) fn ticks_to_duration(ticks: u64, hz: u64) -> Option<Duration> {
     let nanos = (ticks % hz).checked_mul(1_000_000_000)? / hz;
     Some(Duration::new(ticks / hz, u32::try_from(nanos).ok()?))
 }

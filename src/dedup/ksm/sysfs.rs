@@ -275,7 +275,7 @@ impl KsmSysfs {
 }
 
 /// `[none] scan-time` -> `none`; a plain value is returned unchanged.
-fn selected_choice(text: &str) -> &str {
+pub(crate) fn selected_choice(text: &str) -> &str {
     text.split_whitespace()
         .find_map(|word| word.strip_prefix('[')?.strip_suffix(']'))
         .unwrap_or(text)
