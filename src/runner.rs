@@ -1030,7 +1030,7 @@ impl MutEventSubscriber for Control {
                 let _ = ops.remove(events);
                 self.seccomp_blocked = true;
                 let why = "a kvmerge thread was stopped by its seccomp filter";
-                stop_all(&mut self.vms, VmEnd::Vmm(why.into()));
+                stop_all(&self.vms, VmEnd::Vmm(why.into()));
             }
             EV_INPUT_DRAINED => {
                 let _ = self.input_drained.read();

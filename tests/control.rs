@@ -4,6 +4,8 @@
 //! point is "promptly, not only at SIGKILL", on a machine of any speed.
 
 mod common;
+#[path = "ksm_common/mod.rs"]
+mod ksm_common;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -11,11 +13,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::sync::Mutex;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use ksm_common::{KSM_DIR, knobs, last_stats, serial};
 
 /// Bound for starting guests and for the whole of a run that should end by itself.
 const LIMIT: Duration = Duration::from_secs(120);
@@ -23,22 +25,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// aims for, far below "never".
 const STOP_BOUND: Duration = Duration::from_secs(15);
 
-// ---- Host KSM knobs (as in tests/dedup.rs): one KSM-touching test at a time ----
-
-static KSM: Mutex<()> = Mutex::new(());
-const KSM_DIR: &str = "/sys/kernel/mm/ksm";
-const KNOBS: &[&str] = &[
-    "run",
-    "pages_to_scan",
-    "sleep_millisecs",
-    "use_zero_pages",
-    "smart_scan",
-    "advisor_mode",
-];
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    KSM.lock().unwrap_or_else(|p| p.into_inner())
-}
+// ---- Host KSM knobs: the helpers of tests/ksm_common, one KSM-touching test at a time ----
 
 /// Whether kvmerge steers the host's KSM here (root, KSM present); prints why not otherwise.
 fn ksm_steerable() -> bool {
@@ -53,16 +40,6 @@ fn ksm_steerable() -> bool {
     } else {
         true
     }
-}
-
-fn knobs() -> Vec<(String, String)> {
-    KNOBS
-        .iter()
-        .filter_map(|k| {
-            let v = std::fs::read_to_string(Path::new(KSM_DIR).join(k)).ok()?;
-            Some((k.to_string(), v.trim().to_string()))
-        })
-        .collect()
 }
 
 // ---- Plumbing ----
@@ -327,12 +304,7 @@ fn every_catchable_stop_signal_ends_the_run_cleanly() {
         // when another kvmerge on the host holds the knobs).
         let deadline = Instant::now() + LIMIT;
         let owned = loop {
-            let text = std::fs::read_to_string(&stats).unwrap_or_default();
-            let line = text.lines().last().and_then(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                Some(v["ksm_owned"] == true)
-            });
-            if let Some(owned) = line {
+            if let Some(owned) = last_stats(&stats).map(|v| v["ksm_owned"] == true) {
                 break owned;
             }
             assert!(Instant::now() < deadline, "{how}: run did not get going");

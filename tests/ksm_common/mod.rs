@@ -18,6 +18,7 @@ pub const KNOBS: &[&str] = &[
     "sleep_millisecs",
     "use_zero_pages",
     "smart_scan",
+    "advisor_mode",
 ];
 
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -47,7 +48,13 @@ pub fn knobs() -> Vec<(String, String)> {
         .iter()
         .filter_map(|k| {
             let v = std::fs::read_to_string(Path::new(KSM_DIR).join(k)).ok()?;
-            Some((k.to_string(), v.trim().to_string()))
+            // A choice knob (`[none] scan-time`) as its selection, as kvmerge records it.
+            let v = v
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+                .unwrap_or(v.trim())
+                .to_string();
+            Some((k.to_string(), v))
         })
         .collect()
 }
