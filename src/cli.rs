@@ -87,11 +87,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "128M", value_parser = parse_size)]
     pub memory: u64,
     /// vCPUs per VM.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(config::MAX_VCPUS)))]
     pub vcpus: u8,
     /// Number of identical VMs to boot in this process.
     #[arg(long, value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u32).range(0..=i64::from(fleet::MAX_VMS)))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(fleet::MAX_VMS)))]
     pub count: u32,
     /// Deduplication: full (KSM across VMs + zero-page reclaim), zero (zero pages only; no
     /// cross-VM sharing), off.

@@ -40,7 +40,7 @@ fn run_command() -> ExitCode {
             let config = match args.into_config(kvmerge::cli::on_terminal()) {
                 Ok(config) => config,
                 Err(e) => {
-                    output::eprintln(&format!("kvmerge: {e}"));
+                    say(&format!("kvmerge: {e}"));
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
@@ -58,16 +58,16 @@ fn run_command() -> ExitCode {
                     }
                     for vm in &report.vms {
                         for line in [vm.failure_line(), vm.dropped_line()].into_iter().flatten() {
-                            output::eprintln(&format!("kvmerge: {line}"));
+                            say(&format!("kvmerge: {line}"));
                         }
                     }
                     if report.timed_out {
-                        output::eprintln("kvmerge: --timeout expired");
+                        say("kvmerge: --timeout expired");
                     }
                     ExitCode::from(report.exit_code() as u8)
                 }
                 Err(e) => {
-                    output::eprintln(&format!("kvmerge: {}", error_chain(&e)));
+                    say(&format!("kvmerge: {}", error_chain(&e)));
                     ExitCode::from(if e.is_bad_input() { EXIT_USAGE } else { 1 })
                 }
             }
@@ -91,31 +91,31 @@ fn ksm_command(restore: bool) -> ExitCode {
             Ok(line) => match write_stdout(format!("kvmerge: {line}\n").as_bytes()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    output::eprintln(&format!(
+                    say(&format!(
                         "kvmerge: {line} (and cannot write to stdout: {e})"
                     ));
                     ExitCode::SUCCESS
                 }
             },
             Err(line) => {
-                output::eprintln(&format!("kvmerge: {line}"));
+                say(&format!("kvmerge: {line}"));
                 ExitCode::from(1)
             }
         };
     }
     if let Some(line) = ksm::repair_on_start() {
-        output::eprintln(&format!("kvmerge: {line}"));
+        say(&format!("kvmerge: {line}"));
     }
     match ksm::report(&ksm::KsmSysfs::host(), &ksm::RunDir::host()) {
         Ok(report) => match write_stdout(report.as_bytes()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                output::eprintln(&format!("kvmerge: cannot write the report: {e}"));
+                say(&format!("kvmerge: cannot write the report: {e}"));
                 ExitCode::from(1)
             }
         },
         Err(e) => {
-            output::eprintln(&format!("kvmerge: {}", error_chain(&e)));
+            say(&format!("kvmerge: {}", error_chain(&e)));
             ExitCode::from(1)
         }
     }
@@ -142,8 +142,26 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .collect();
     let text = text.join(" ");
     let text = text.strip_prefix("error: ").unwrap_or(&text);
-    output::eprintln(&format!("kvmerge: {text} (try --help)"));
+    say(&format!("kvmerge: {text} (try --help)"));
     ExitCode::from(EXIT_USAGE)
+}
+
+/// Writes one message line to stderr: control characters in it (a newline in a file name, say)
+/// are shown escaped, so every message stays one line.
+fn say(text: &str) {
+    output::eprintln(&one_line(text));
+}
+
+fn one_line(text: &str) -> String {
+    let mut line = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    line
 }
 
 /// `outer: inner: innermost`, skipping causes whose text the outer message already includes.
@@ -172,7 +190,7 @@ impl log::Log for StderrLogger {
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
             let level = record.level().to_string().to_lowercase();
-            output::eprintln(&format!("kvmerge: {level}: {}", record.args()));
+            say(&format!("kvmerge: {level}: {}", record.args()));
         }
     }
 

@@ -132,11 +132,9 @@ fn bad_counts() {
     if !kvm_available() {
         return;
     }
-    // 255 fits in the option's type but not in the MP table.
-    assert_refused(
-        &run(&["--kernel", k, "--vcpus", "255"]),
-        "more than a VM can have (254",
-    );
+    // The range a message states is the range kvmerge accepts.
+    assert_refused(&run(&["--kernel", k, "--vcpus", "255"]), "1..=254");
+    assert_refused(&run(&["--kernel", k, "--count", "4294967296"]), "1..=65536");
 }
 
 #[test]
@@ -396,4 +394,18 @@ fn messages_say_what_is_wrong() {
         &run(&["--kernel", k, "--cmdline", "caf\u{e9}"]),
         "not printable ASCII",
     );
+}
+
+#[test]
+fn a_newline_in_a_file_name_keeps_the_message_on_one_line() {
+    let dir = TempDir::new("newline-names");
+    let missing = dir.0.join("a\nb");
+    let line = assert_refused(&run(&["--kernel", missing.to_str().unwrap()]), "a\\nb");
+    assert!(line.contains("cannot read kernel"), "{line}");
+    let fleet = write(
+        &dir.0,
+        "fleet.toml",
+        b"[defaults]\nkernel = \"/nonexistent/a\\nb\"\n[[vm]]\n",
+    );
+    assert_refused(&run(&["--fleet", &fleet]), "a\\nb");
 }
