@@ -1002,8 +1002,11 @@ impl MutEventSubscriber for Control {
             EV_SIGNAL => {
                 if let Some(sig) = self.signals.read() {
                     log::info!("received signal {sig}; stopping all guests");
-                    self.signal = Some(sig);
-                    stop_all(&self.vms, VmEnd::Signal(sig));
+                    // The first stop decides the exit status; later signals only repeat it.
+                    if self.signal.is_none() {
+                        self.signal = Some(sig);
+                        stop_all(&self.vms, VmEnd::Signal(sig));
+                    }
                 }
             }
             EV_NOTIFY => {

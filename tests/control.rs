@@ -546,3 +546,41 @@ fn a_signal_during_the_build_of_a_large_fleet_stops_it() {
         "one line per guest"
     );
 }
+
+/// The first stop decides the exit status: a signal that arrives while the run is already
+/// stopping (a second Ctrl-C, a closing terminal's SIGHUP after a SIGTERM) does not change it.
+#[test]
+fn the_first_stop_signal_decides_the_status() {
+    if !kvm_available() {
+        return;
+    }
+    let mut cmd = kvmerge();
+    cmd.arg("-v")
+        .arg("run")
+        .arg("--kernel")
+        .arg(payload())
+        .args([
+            "--memory",
+            "16M",
+            "--ksm-policy",
+            "kernel",
+            "--console",
+            "none",
+        ])
+        .args(["--cmdline", "then=idle"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = Running(cmd.spawn().expect("cannot start kvmerge"));
+    let rx = stderr_lines(&mut child.0);
+    let mut seen = Vec::new();
+    wait_line(&rx, &mut seen, "the guest running", LIMIT, |l| {
+        l.contains("built 1 VM")
+    });
+    signal(&child.0, libc::SIGTERM);
+    wait_line(&rx, &mut seen, "SIGTERM seen", STOP_BOUND, |l| {
+        l.contains("received signal 15")
+    });
+    signal(&child.0, libc::SIGHUP);
+    let (code, _) = wait_exit(&mut child.0, STOP_BOUND, "SIGTERM then SIGHUP");
+    assert_eq!(code, Some(143), "stderr:\n{}", seen.join("\n"));
+}
