@@ -256,9 +256,14 @@ impl Drop for KsmWaiter {
         if self.users.take().is_none() {
             return; // became the owner
         }
-        // The owner may have died without anyone taking over: the last user out restores.
+        // The owner left (handed over, or died) and nobody took over: the last user out restores.
+        // That is the hand-over working as designed, not a repair worth a warning.
         match repair_stale(&self.run_dir) {
-            Ok(Repair::Restored(j)) => log::warn!("{}", j.restored_line()),
+            Ok(Repair::Restored(j)) => log::info!(
+                "host KSM settings restored: kvmerge pid {} left them to this process, the last \
+                 one using KSM",
+                j.pid
+            ),
             Ok(_) => {}
             Err(e) => log::error!("host KSM: {e}"),
         }
