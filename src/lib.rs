@@ -21,6 +21,7 @@ pub mod memory;
 pub mod output;
 pub mod pressure;
 pub mod runner;
+pub mod sched;
 pub mod seccomp;
 pub mod sync;
 pub mod terminal;

@@ -259,14 +259,8 @@ impl Watch {
 /// The guard must get a CPU within a poll or two even when every core runs guests: as root, its
 /// thread runs at nice -10 (best effort; unprivileged users keep the default).
 fn raise_priority() {
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() };
-    // SAFETY: changes the nice value of this thread only.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, -10) } != 0 {
-        log::debug!(
-            "pressure guard keeps the default priority: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = crate::sched::set_this_thread_nice(crate::sched::RESPONSIVE) {
+        log::debug!("pressure guard keeps the default priority: {e}");
     }
 }
 

@@ -46,9 +46,17 @@
 //! (and with it its VcpuFd, which keeps KVM's memslots alive) has ended; a detached thread that
 //! never ends keeps the mapping (leaked and logged), never a dangling memslot.
 //!
-//! Bounds: a short hold gives up after `vm::HOLD_TIMEOUT` (250 ms), a lifecycle pause or Start
-//! after `vm::ACK_TIMEOUT` (1 s); a stop waits for all vCPUs of a VM (or of a fleet) until one
-//! deadline (`Vm::finish_stop_by`).
+//! **Exit** is the one command a thread does not simply obey and leave: it hands its VcpuFd and
+//! guest RAM reference to the VMM ([`Remains`]), acknowledges, and waits until the VMM releases
+//! the VM's threads ([`Gate::release`]). The VMM destroys the VM (dropping what was handed over)
+//! before it releases and joins the threads; for a whole fleet it destroys every VM first, so
+//! that no thread's end and no unmap of guest RAM calls into a live VM's MMU notifier.
+//!
+//! Bounds: a short hold gives up after `vm::HOLD_TIMEOUT` (250 ms), a lifecycle pause or the
+//! Start of one VM after `vm::ACK_TIMEOUT` (1 s), the Start of a fleet (posted to every VM
+//! first, then confirmed) after 30 s, since a new thread on a host busy with the guests started
+//! before it may wait long for its first time slice; a stop waits for the vCPUs of a VM until
+//! one deadline (`Vm::finish_stop_by`, `Vm::dismantle`).
 //!
 //! **Lock order.** `VmControl`'s lifecycle lock, then either the gate's lock or a handle's thread
 //! lock (taken to kick or join); those two are leaves (nothing else is taken and no kick is sent
@@ -278,8 +286,8 @@ impl RtBoost {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EPERM) && !RT_REFUSED.swap(true, Ordering::Relaxed) {
                 log::info!(
-                    "short holds run at normal priority ({e}): on a busy host they last as long \
-                     as the scheduler makes them"
+                    "zero-page holds and stops run at normal priority ({e}): on a busy host they \
+                     last as long as the scheduler makes them"
                 );
             }
             return None;
@@ -317,6 +325,8 @@ struct Slot {
     posted: AtomicU64,
     /// The thread has ended (or never started): it can be neither inside nor acknowledge.
     gone: AtomicBool,
+    /// What the thread left on Exit, for the VMM to drop ([`VcpuPort::exit_with`]).
+    remains: Mutex<Option<Remains>>,
 }
 
 /// Commands and acknowledgements, under the gate's lock.
@@ -327,6 +337,8 @@ struct Mail {
     commands: Vec<Option<(u64, Command)>>,
     /// Per vCPU: the latest acknowledgement (number, state).
     acks: Vec<(u64, Option<State>)>,
+    /// vCPU threads that acknowledged Exit may end now (see [`Gate::release`]).
+    released: bool,
 }
 
 /// The one place where a VM's vCPUs are held out of the guest and told what to do (module docs).
@@ -348,6 +360,7 @@ impl Gate {
                 next_seq: 0,
                 commands: vec![None; vcpus],
                 acks: vec![(0, None); vcpus],
+                released: false,
             }),
             changed: Condvar::new(),
         }
@@ -355,6 +368,17 @@ impl Gate {
 
     fn lock(&self) -> MutexGuard<'_, Mail> {
         crate::sync::lock(&self.mail)
+    }
+
+    /// Lets vCPU threads that acknowledged Exit end. Until then they wait, out of the guest and
+    /// away from the address space: a thread that ends unmaps and advises its stack and leaves
+    /// the process's mm, all under the address-space lock, and a thousand of them doing so at
+    /// once (a fleet told to stop) stalled the merge thread's last look at guest memory for most
+    /// of a second. The VMM releases a VM's threads when it collects them.
+    pub fn release(&self) {
+        let mut mail = self.lock();
+        mail.released = true;
+        self.changed.notify_all();
     }
 
     fn wait_until<'a>(
@@ -549,6 +573,22 @@ impl VcpuPort {
         self.gate.changed.notify_all();
     }
 
+    /// Leaves for good on Exit: hands `remains` (the thread's VcpuFd and guest RAM reference) to
+    /// the VMM, acknowledges, and waits until the VMM releases the VM's threads
+    /// ([`Gate::release`]). See [`Remains`].
+    pub(crate) fn exit_with(&self, remains: Remains) {
+        *crate::sync::lock(&self.slot().remains) = Some(remains);
+        self.ack(State::Exited);
+        let mut mail = self.gate.lock();
+        while !mail.released {
+            mail = self
+                .gate
+                .changed
+                .wait(mail)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     /// Blocks until a command is posted (or `timeout` passes).
     pub(crate) fn wait_command(&self, timeout: Option<Duration>) {
         let until = timeout.map(|t| Instant::now() + t);
@@ -628,6 +668,7 @@ impl VcpuHandle {
         gate: Arc<Gate>,
     ) -> Result<VcpuHandle> {
         let name = format!("{}-vcpu{index}", vm.name());
+        let slow_start = slow_start_injection();
         VcpuHandle::spawn_with(name, index, gate, move |port| {
             // The thread's first act: no guest code runs without its filter.
             if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
@@ -639,7 +680,8 @@ impl VcpuHandle {
                 port,
                 vm,
                 ended: false,
-                _ram: ram,
+                ram,
+                slow_start,
             }
             .run()
         })
@@ -724,7 +766,15 @@ impl VcpuHandle {
 
     /// Joins the thread if it acknowledged its exit; otherwise leaves it detached rather than
     /// hanging the VMM on a vCPU stuck in the kernel (it keeps guest RAM mapped until it ends).
+    /// What the thread handed over when it acknowledged Exit, once.
+    pub fn take_remains(&self) -> Option<Remains> {
+        crate::sync::lock(&self.gate.slots[usize::from(self.index)].remains).take()
+    }
+
+    /// Releases the VM's threads that acknowledged Exit ([`Gate::release`]) and joins this one.
     pub fn join(&self, acked_exit: bool) {
+        // A thread left behind may still acknowledge later: it must not wait for a release then.
+        self.gate.release();
         let thread = crate::sync::lock(&self.thread).take();
         if let Some(thread) = thread {
             if acked_exit {
@@ -754,9 +804,22 @@ impl Drop for VcpuHandle {
         let running = self.thread.get_mut().map_or(true, |t| t.is_some());
         if running {
             self.post(Command::Exit);
+            self.gate.release();
         }
     }
 }
+
+/// What a vCPU thread that exits on command hands to the VMM before it ends: its VcpuFd and its
+/// reference to guest RAM (in that order, the tuple's drop order), which the VMM drops when it
+/// collects the VM ([`VcpuHandle::take_remains`]).
+///
+/// Why the thread does not drop them itself, and waits to be released before it ends: unmapping
+/// `kvm_run`, and a thread's end (glibc advises away its stack, and the joiner unmaps it), each
+/// call into the MMU notifier of every live VM of the process, under the address-space lock. A
+/// fleet doing that as its threads leave kept the lock busy while the merge thread took its last
+/// look at guest memory, and paid for N live VMs N times over. The VMM instead destroys every
+/// VM first (dropping these), then releases the threads, whose ends then cost next to nothing.
+pub(crate) type Remains = Box<dyn Send>;
 
 struct VcpuThread {
     // Field order is drop order: the VcpuFd (and with it KVM's hold on the memslots) goes
@@ -766,25 +829,46 @@ struct VcpuThread {
     vm: Arc<VmShared>,
     /// The VM has ended: stay out of the guest whatever happens.
     ended: bool,
-    _ram: Arc<GuestRam>,
+    ram: Arc<GuestRam>,
+    /// Test hook: how long to wait before acknowledging Start ([`slow_start_injection`]).
+    slow_start: Option<Duration>,
+}
+
+/// Test hook: `KVMERGE_INJECT_SLOW_START_MS=N` makes every vCPU thread wait N ms (at most a
+/// minute) before it acknowledges Start, as a thread does that waits for its first time slice on
+/// a host whose cores are all busy.
+fn slow_start_injection() -> Option<Duration> {
+    let ms: u64 = std::env::var("KVMERGE_INJECT_SLOW_START_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms.min(60_000)))
 }
 
 impl VcpuThread {
+    /// Runs until told to exit, then hands its VcpuFd and guest RAM reference to the VMM
+    /// ([`Remains`]). A thread that unwinds drops them itself.
     fn run(mut self) {
         let run: *mut kvm_run = self.fd.get_kvm_run();
         // SAFETY: the kvm_run mapping belongs to `self.fd`, which outlives this local (function
         // parameters drop after the body's locals, also when unwinding).
-        let _kick_target = unsafe { KickTarget::install(run) };
+        let kick_target = unsafe { KickTarget::install(run) };
         let mut started = false;
         loop {
             if let Some(command) = self.port.next_command() {
                 match command {
                     Command::Start => {
                         started = true;
+                        if let Some(delay) = self.slow_start {
+                            std::thread::sleep(delay);
+                        }
                         self.port.ack(State::Running);
                     }
                     Command::Exit => {
-                        self.port.ack(State::Exited);
+                        // No kick may write through kvm_run once the VMM may unmap it.
+                        drop(kick_target);
+                        let VcpuThread { fd, ram, port, .. } = self;
+                        port.exit_with(Box::new((fd, ram)));
                         return;
                     }
                 }
@@ -1175,6 +1259,62 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Records which thread dropped it.
+    struct DroppedBy(Arc<Mutex<Option<std::thread::ThreadId>>>);
+
+    impl Drop for DroppedBy {
+        fn drop(&mut self) {
+            *self.0.lock().unwrap() = Some(std::thread::current().id());
+        }
+    }
+
+    #[test]
+    fn an_exiting_thread_hands_over_its_remains_and_ends_only_when_released() {
+        let gate = Arc::new(Gate::new(1));
+        let dropped_by = Arc::new(Mutex::new(None));
+        let remains = DroppedBy(dropped_by.clone());
+        let handle =
+            VcpuHandle::spawn_with("unit-vcpu".into(), 0, gate.clone(), move |mut port| {
+                loop {
+                    match port.next_command() {
+                        Some(Command::Exit) => return port.exit_with(Box::new(remains)),
+                        Some(Command::Start) => port.ack(State::Running),
+                        None => port.wait_command(None),
+                    }
+                }
+            })
+            .unwrap();
+        let seq = handle.post(Command::Exit);
+        assert_eq!(
+            handle.wait_ack(Command::Exit, seq, soon(60_000)).unwrap(),
+            State::Exited
+        );
+        let taken = handle
+            .take_remains()
+            .expect("the thread handed over its remains");
+        assert!(
+            handle.take_remains().is_none(),
+            "remains are handed over once"
+        );
+        // Not released: the thread waits, alive, out of the guest.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            !gate.slots[0].gone.load(Ordering::SeqCst),
+            "the thread ended before release"
+        );
+        drop(taken);
+        assert_eq!(
+            *dropped_by.lock().unwrap(),
+            Some(std::thread::current().id()),
+            "the VMM, not the vCPU thread, drops the VcpuFd"
+        );
+        handle.join(true);
+        assert!(
+            gate.slots[0].gone.load(Ordering::SeqCst),
+            "joined, so ended"
+        );
     }
 
     #[test]

@@ -123,7 +123,8 @@ pub struct Vm {
     // guest RAM (unmapped when the last reference goes: vCPU threads and the merge thread hold
     // one too).
     control: Arc<VmControl>,
-    _vm_fd: VmFd,
+    /// None once [`Vm::dismantle`] has let KVM destroy the VM.
+    vm_fd: Option<VmFd>,
     ram: Arc<GuestRam>,
     created: Instant,
 }
@@ -226,7 +227,7 @@ impl Vm {
             index,
             shared,
             control: Arc::new(VmControl::new(name_for_control, vcpus, gate)),
-            _vm_fd: vm_fd,
+            vm_fd: Some(vm_fd),
             ram,
             created,
         })
@@ -271,6 +272,16 @@ impl Vm {
         self.control.vcpu_tids()
     }
 
+    /// Created → Running without waiting (see [`VmControl::start`]).
+    pub fn start(&self) -> Result<StartTicket> {
+        self.control.start()
+    }
+
+    /// See [`VmControl::confirm_start`].
+    pub fn confirm_start(&self, ticket: &StartTicket, deadline: Instant) -> Result<()> {
+        self.control.confirm_start(ticket, deadline)
+    }
+
     /// Created or Paused → Running.
     pub fn resume(&self) -> Result<()> {
         self.control.resume()
@@ -301,6 +312,22 @@ impl Vm {
     }
 }
 
+impl Vm {
+    /// Stops the VM for the end of a fleet and lets KVM destroy it, but keeps its vCPU threads
+    /// (waiting, out of KVM) and its guest RAM for `drop`. Dropping every VM of a fleet after
+    /// dismantling all of them makes the threads' ends and the unmapping of guest RAM run with no
+    /// VM left whose MMU notifier they would call into (see [`vcpu::Remains`]).
+    pub fn dismantle(&mut self) {
+        if let Some(remains) = self.control.park_by(Instant::now() + ACK_TIMEOUT) {
+            // As after any stop: the vCPU threads are done with the console.
+            self.shared.devices().finish_console();
+            // kvm_run unmapped and vCPU fds closed; with the VM fd, KVM's last reference goes.
+            drop(remains);
+        }
+        self.vm_fd = None;
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
         self.request_stop();
@@ -325,6 +352,9 @@ struct ControlInner {
     exits: Vec<u64>,
     /// A `finish_stop` is collecting the threads.
     collecting: bool,
+    /// `park_by` took the threads' VcpuFds; per vCPU, whether it acknowledged its exit. The
+    /// threads wait for `finish_stop` to release and join them.
+    parked: Option<Vec<bool>>,
 }
 
 impl VmControl {
@@ -337,6 +367,7 @@ impl VmControl {
                 state: Lifecycle::Created,
                 exits: Vec::new(),
                 collecting: false,
+                parked: None,
             }),
         }
     }
@@ -372,20 +403,45 @@ impl VmControl {
                 Ok(())
             }
             Lifecycle::Created => {
-                let seqs: Vec<u64> = self.vcpus.iter().map(|v| v.post(Command::Start)).collect();
-                inner.state = Lifecycle::Running;
+                let ticket = Self::post_start(&self.vcpus, &mut inner);
                 drop(inner);
-                let deadline = Instant::now() + ACK_TIMEOUT;
-                for (vcpu, seq) in self.vcpus.iter().zip(seqs) {
-                    vcpu.wait_ack(Command::Start, seq, deadline)?;
-                }
-                Ok(())
+                self.confirm_start(&ticket, Instant::now() + ACK_TIMEOUT)
             }
             state => Err(Error::Transition {
                 action: "start",
                 state,
             }),
         }
+    }
+
+    /// Created → Running without waiting for the vCPU threads: posts Start to each and returns
+    /// what [`VmControl::confirm_start`] waits for. A fleet posts Start to every VM first and then
+    /// confirms: on a host already busy with the guests started first, a new vCPU thread may wait
+    /// long for its first time slice, and waiting for each VM in turn would add those waits up.
+    pub fn start(&self) -> Result<StartTicket> {
+        let mut inner = self.lock();
+        if inner.state != Lifecycle::Created {
+            return Err(Error::Transition {
+                action: "start",
+                state: inner.state,
+            });
+        }
+        Ok(Self::post_start(&self.vcpus, &mut inner))
+    }
+
+    fn post_start(vcpus: &[VcpuHandle], inner: &mut ControlInner) -> StartTicket {
+        let seqs = vcpus.iter().map(|v| v.post(Command::Start)).collect();
+        inner.state = Lifecycle::Running;
+        StartTicket(seqs)
+    }
+
+    /// Waits until every vCPU thread has acknowledged the Start of `ticket`, at most until
+    /// `deadline` ([`Error::NoAck`] then; waiting again with the same ticket is fine).
+    pub fn confirm_start(&self, ticket: &StartTicket, deadline: Instant) -> Result<()> {
+        for (vcpu, &seq) in self.vcpus.iter().zip(&ticket.0) {
+            vcpu.wait_ack(Command::Start, seq, deadline)?;
+        }
+        Ok(())
     }
 
     /// Running → Paused: every vCPU is out of the guest when this returns Ok, and stays out
@@ -470,18 +526,25 @@ impl VmControl {
         if inner.state == Lifecycle::Stopped || inner.collecting {
             return false;
         }
+        if let Some(acked) = inner.parked.take() {
+            // `park_by` collected them already; only their ends are left.
+            inner.collecting = true;
+            drop(inner);
+            for (vcpu, acked) in self.vcpus.iter().zip(acked) {
+                vcpu.join(acked);
+            }
+            let mut inner = self.lock();
+            inner.state = Lifecycle::Stopped;
+            inner.collecting = false;
+            return false;
+        }
         self.post_exit(&mut inner);
         inner.collecting = true;
         let exits = inner.exits.clone();
         drop(inner);
         for (vcpu, seq) in self.vcpus.iter().zip(exits) {
-            let acked = match vcpu.wait_ack(Command::Exit, seq, deadline) {
-                Ok(state) => state == State::Exited,
-                Err(e) => {
-                    log::error!("{}: {e}", self.name);
-                    false
-                }
-            };
+            let acked = self.wait_exit(vcpu, seq, deadline);
+            drop(vcpu.take_remains());
             vcpu.join(acked);
         }
         let mut inner = self.lock();
@@ -490,11 +553,50 @@ impl VmControl {
         true
     }
 
+    fn wait_exit(&self, vcpu: &VcpuHandle, seq: u64, deadline: Instant) -> bool {
+        match vcpu.wait_ack(Command::Exit, seq, deadline) {
+            Ok(state) => state == State::Exited,
+            Err(e) => {
+                log::error!("{}: {e}", self.name);
+                false
+            }
+        }
+    }
+
+    /// The first half of a stop for the end of a fleet: tells the vCPU threads to exit, waits
+    /// (until `deadline`) for them to acknowledge, and returns what they handed over (their
+    /// VcpuFds and guest RAM references, see [`vcpu::Remains`]) while the threads themselves
+    /// wait. `finish_stop` then lets them end and joins them. Returns None when the VM is
+    /// stopped, parked or being collected already.
+    pub fn park_by(&self, deadline: Instant) -> Option<Vec<vcpu::Remains>> {
+        let mut inner = self.lock();
+        if inner.state == Lifecycle::Stopped || inner.collecting || inner.parked.is_some() {
+            return None;
+        }
+        self.post_exit(&mut inner);
+        inner.collecting = true;
+        let exits = inner.exits.clone();
+        drop(inner);
+        let mut remains = Vec::new();
+        let mut acked = Vec::with_capacity(self.vcpus.len());
+        for (vcpu, seq) in self.vcpus.iter().zip(exits) {
+            acked.push(self.wait_exit(vcpu, seq, deadline));
+            remains.extend(vcpu.take_remains());
+        }
+        let mut inner = self.lock();
+        inner.parked = Some(acked);
+        inner.collecting = false;
+        Some(remains)
+    }
+
     /// [`VmControl::finish_stop_by`] with [`ACK_TIMEOUT`] from now.
     pub fn finish_stop(&self) -> bool {
         self.finish_stop_by(Instant::now() + ACK_TIMEOUT)
     }
 }
+
+/// The Start commands posted by [`VmControl::start`], one number per vCPU.
+pub struct StartTicket(Vec<u64>);
 
 /// Lowers a raised hold when dropped.
 struct Lower<'a>(&'a Gate);

@@ -6,6 +6,7 @@
 //! every few ticks accounts what each VM holds. The latest figures are published as a [`Status`]
 //! for the status line, `--stats` and the end-of-run summary.
 
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -57,6 +58,10 @@ pub struct Options {
     /// Account every this many ticks: accounting reads page tables, and once guests have merged it
     /// is most of the merge thread's own CPU time.
     pub account_every: u32,
+    /// Nice value for the thread (None: the creating thread's). The control thread runs raised
+    /// ([`crate::sched`]); the merge thread's work is paced by its policy and runs at the
+    /// process's own priority.
+    pub nice: Option<libc::c_int>,
 }
 
 impl Default for Options {
@@ -65,6 +70,7 @@ impl Default for Options {
             policy: PolicyKind::Adaptive,
             tick: Duration::from_secs(1),
             account_every: 4,
+            nice: None,
         }
     }
 }
@@ -135,6 +141,10 @@ pub struct Status {
 pub struct MergeThread {
     thread: Option<JoinHandle<()>>,
     stop: Sender<()>,
+    /// Set with the stop request: a tick under way skips the rest of its per-guest work.
+    stopping: Arc<AtomicBool>,
+    /// The thread's Linux id (0 until it has started), to raise its priority for the stop.
+    tid: Arc<AtomicI32>,
     status: Arc<Mutex<Status>>,
 }
 
@@ -149,14 +159,25 @@ impl MergeThread {
         let status = Arc::new(Mutex::new(Status::default()));
         let (stop, stop_rx) = mpsc::channel();
         let published = status.clone();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop_seen = stopping.clone();
+        let tid = Arc::new(AtomicI32::new(0));
+        let tid_out = tid.clone();
         let thread = std::thread::Builder::new()
             .name("kvmerge-merge".into())
             .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tid_out.store(unsafe { libc::gettid() }, Ordering::Release);
+                if let Some(nice) = opts.nice {
+                    if let Err(e) = crate::sched::set_this_thread_nice(nice) {
+                        log::debug!("merge thread: cannot set nice {nice}: {e}");
+                    }
+                }
                 if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Merge) {
                     log::error!("{e}; no zero-page reclaim, KSM steering or accounting");
                     return;
                 }
-                let mut worker = Worker::new(vms, ksm, opts);
+                let mut worker = Worker::new(vms, ksm, opts, stop_seen);
                 loop {
                     worker.tick();
                     crate::seccomp::injection_point();
@@ -167,6 +188,7 @@ impl MergeThread {
                     }
                 }
                 // A last look for the summary.
+                worker.last_look = true;
                 worker.sample_vcpus();
                 worker.account();
                 *lock(&published) = worker.status.clone();
@@ -174,6 +196,8 @@ impl MergeThread {
         Ok(MergeThread {
             thread: Some(thread),
             stop,
+            stopping,
+            tid,
             status,
         })
     }
@@ -190,6 +214,10 @@ impl MergeThread {
     }
 
     fn shutdown(&mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        // Its last look and exit run at real-time priority where permitted: on a host whose
+        // cores are taken by busy vCPU threads, a tick at normal priority lasts seconds.
+        let _boost = crate::vcpu::RtBoost::thread(self.tid.load(Ordering::Acquire));
         let _ = self.stop.send(());
         if crate::seccomp::parked(crate::seccomp::ThreadKind::Merge) {
             // Stopped by its seccomp filter for good: joining would wait forever.
@@ -256,10 +284,20 @@ struct Worker {
     status: Status,
     /// Fault injection for the tests of the panic path (`KVMERGE_INJECT_PANIC=merge-thread`).
     inject_panic: bool,
+    /// The run is ending: the tick under way stops scanning guests (a pass over a big fleet
+    /// takes long enough to delay the stop otherwise).
+    stopping: Arc<AtomicBool>,
+    /// The tick after the stop, for the summary: done whole.
+    last_look: bool,
 }
 
 impl Worker {
-    fn new(vms: Vec<MergeVm>, ksm: Option<Arc<KsmHold>>, opts: Options) -> Worker {
+    fn new(
+        vms: Vec<MergeVm>,
+        ksm: Option<Arc<KsmHold>>,
+        opts: Options,
+        stopping: Arc<AtomicBool>,
+    ) -> Worker {
         let status = Status {
             ksm_owned: ksm.as_ref().is_some_and(|k| k.owner().is_some()),
             ..Status::default()
@@ -309,12 +347,28 @@ impl Worker {
             last_counters: Counters::default(),
             status,
             inject_panic: std::env::var("KVMERGE_INJECT_PANIC").as_deref() == Ok("merge-thread"),
+            stopping,
+            last_look: false,
         }
+    }
+
+    /// The run is ending and this is not the last look: leave the work of this tick.
+    fn interrupted(&self) -> bool {
+        self.interruption()()
+    }
+
+    /// [`Worker::interrupted`] for loops that borrow the worker.
+    fn interruption(&self) -> impl Fn() -> bool + use<> {
+        let (stopping, last_look) = (self.stopping.clone(), self.last_look);
+        move || !last_look && stopping.load(Ordering::Relaxed)
     }
 
     fn tick(&mut self) {
         self.ticks += 1;
         self.sample_vcpus();
+        if self.interrupted() {
+            return;
+        }
         self.headroom = self
             .host_cpu
             .idle_cpus()
@@ -342,7 +396,11 @@ impl Worker {
     /// Reads each guest's state and vCPU CPU time once per tick.
     fn sample_vcpus(&mut self) {
         let tick = self.opts.tick.as_secs_f64();
+        let interrupted = self.interruption();
         for state in &mut self.vms {
+            if interrupted() {
+                break;
+            }
             state.running = state.vm.control.state() == Lifecycle::Running;
             if !state.running {
                 state.vcpus = 0;
@@ -372,7 +430,11 @@ impl Worker {
             return;
         }
         self.deferred_in_a_row = 0;
+        let interrupted = self.interruption();
         for state in &mut self.vms {
+            if interrupted() {
+                break;
+            }
             if state.vm.dedup == DedupMode::Off || !state.running {
                 continue;
             }
@@ -428,7 +490,11 @@ impl Worker {
     /// Marks resident guest pages used and counts used pages given back, for VMs with zero-page
     /// reclaim (elsewhere nothing gives pages back).
     fn observe_residency(&mut self) {
+        let interrupted = self.interruption();
         for state in &mut self.vms {
+            if interrupted() {
+                break;
+            }
             if state.vm.dedup == DedupMode::Off {
                 continue;
             }
