@@ -425,9 +425,11 @@ fn run_fleet(
         return Err(Error::Build { index, source });
     }
     let stopped_by = signals.caught();
+    // Kept until the fleet is torn down (see stop_all).
+    let mut urgent_at_start = None;
     if let Some(sig) = stopped_by {
         log::info!("received signal {sig} while starting the fleet; stopping all guests");
-        let _urgent = stop_all(&vms, VmEnd::Signal(sig));
+        urgent_at_start = stop_all(&vms, VmEnd::Signal(sig));
     }
 
     // Dedup starts once the guests run, so it adds nothing to their start-up: kvmerge's hold on
@@ -509,7 +511,11 @@ fn run_fleet(
     let looped = control_loop(cfg, &control);
     let mut c = lock(&control);
     // The stop, whatever ended the run, at real-time priority where permitted (see stop_all).
-    let _urgent = c.urgent.take().or_else(RtBoost::this_thread);
+    let urgent = c
+        .urgent
+        .take()
+        .or(urgent_at_start)
+        .or_else(RtBoost::this_thread);
     let vms = std::mem::take(&mut c.vms);
     if let Err(e) = looped {
         let _urgent = stop_all(&vms, VmEnd::Vmm("control loop failed".into()));
@@ -523,16 +529,6 @@ fn run_fleet(
     let started = Instant::now();
     let dedup = c.merge.take().map(MergeThread::stop);
     log::debug!("merge thread stopped in {:?}", started.elapsed());
-    if seccomp::parked(ThreadKind::Merge) {
-        // The parked merge thread keeps its reference to the KSM hold: restore explicitly.
-        if let Some(Err(e)) = ksm_owner
-            .as_ref()
-            .and_then(|hold| hold.owner())
-            .map(|owner| owner.restore())
-        {
-            log::error!("host KSM knobs: {e}");
-        }
-    }
     if let (Some(status), Some(stats)) = (&dedup, &c.stats) {
         write_stats(stats, status, true);
     }
@@ -543,6 +539,19 @@ fn run_fleet(
         "collected and destroyed every VM in {:?}",
         started.elapsed()
     );
+    // Back to normal priority: restoring the knobs may make the kernel unmerge every KSM page of
+    // the host in this thread, which must not keep other processes off a core meanwhile.
+    drop(urgent);
+    if seccomp::parked(ThreadKind::Merge) {
+        // The parked merge thread keeps its reference to the KSM hold: restore explicitly.
+        if let Some(Err(e)) = ksm_owner
+            .as_ref()
+            .and_then(|hold| hold.owner())
+            .map(|owner| owner.restore())
+        {
+            log::error!("host KSM knobs: {e}");
+        }
+    }
     // Guest RAM is gone, so restoring the knobs (which may unmerge) has nothing of ours to do.
     drop(ksm_owner);
     drop(raw);
@@ -619,6 +628,21 @@ fn resume_all(vms: &[Vm], signals: &SignalFd) -> std::result::Result<(), (usize,
                 Ok(()) => break,
                 Err(vm::Error::Vcpu(crate::vcpu::Error::NoAck { .. }))
                     if Instant::now() < bound => {}
+                Err(vm::Error::Vcpu(crate::vcpu::Error::NoAck {
+                    index,
+                    command,
+                    seq,
+                    ..
+                })) => {
+                    // Say how long the start waited in all, not the last poll.
+                    let e = crate::vcpu::Error::NoAck {
+                        index,
+                        command,
+                        seq,
+                        timeout: START_TIMEOUT,
+                    };
+                    return Err((vm.index(), e.into()));
+                }
                 Err(e) => return Err((vm.index(), e)),
             }
         }
@@ -834,7 +858,7 @@ fn spread_with(n: usize, workers: usize, urgent: bool, f: impl Fn(usize) + Sync)
 /// Two passes: the first lets KVM destroy every VM ([`Vm::dismantle`]), the second ends their
 /// vCPU threads and unmaps guest RAM. Every munmap in the process (a thread's end includes two)
 /// calls into the MMU notifier of every live VM: done after the first pass, none is left.
-/// Measured with 1024 VMs on 2 cores: ... (see docs).
+/// Measured: docs/fleet.md, "Stopping a big fleet".
 fn retire(vms: Vec<Vm>, expects: &[Option<Expect>]) -> Vec<VmReport> {
     let n = vms.len();
     let slots: Vec<Mutex<Option<Vm>>> = vms.into_iter().map(|vm| Mutex::new(Some(vm))).collect();
@@ -904,7 +928,7 @@ fn stop_all(vms: &[Vm], why: VmEnd) -> Option<RtBoost> {
 
 /// Waits (bounded) for the vCPU threads of `vms[which]`, after `request_stop`, many at a time.
 fn collect(vms: &[Vm], which: &[usize]) {
-    spread_urgent(which.len(), STOP_WORKERS, |k| vms[which[k]].finish_stop());
+    spread(which.len(), STOP_WORKERS, |k| vms[which[k]].finish_stop());
 }
 
 /// Event tokens of the control loop.

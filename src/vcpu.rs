@@ -41,10 +41,11 @@
 //! **Timeouts.** A hold that cannot get every vCPU out within its timeout releases itself and
 //! fails ([`Error::NoHold`]): the caller skips its work. A missing acknowledgement fails the wait
 //! ([`Error::NoAck`]); for Exit the VMM then leaves the thread detached instead of hanging on a
-//! vCPU stuck in the kernel. **No vCPU thread outlives its VM's memory**: every vCPU thread owns a
-//! reference to its VM's [`GuestRam`], so guest RAM is unmapped only after the last vCPU thread
-//! (and with it its VcpuFd, which keeps KVM's memslots alive) has ended; a detached thread that
-//! never ends keeps the mapping (leaked and logged), never a dangling memslot.
+//! vCPU stuck in the kernel. **No VcpuFd outlives its VM's memory**: every vCPU thread owns a
+//! reference to its VM's [`GuestRam`] next to its VcpuFd (which keeps KVM's memslots alive), and
+//! both go together, the VcpuFd first: dropped by the VMM once the thread has handed them over on
+//! Exit, or by the thread itself when it unwinds. A detached thread that never ends keeps the
+//! mapping (leaked and logged), never a dangling memslot.
 //!
 //! **Exit** is the one command a thread does not simply obey and leave: it hands its VcpuFd and
 //! guest RAM reference to the VMM ([`Remains`]), acknowledges, and waits until the VMM releases
@@ -188,7 +189,8 @@ impl fmt::Display for VmEnd {
 pub enum Command {
     /// Leave the Created state: from now on enter the guest whenever no hold is up.
     Start,
-    /// End the thread (it drops its VcpuFd and its reference to guest RAM).
+    /// End the thread: it hands its VcpuFd and its reference to guest RAM to the VMM
+    /// ([`Remains`]) and ends when released.
     Exit,
 }
 
@@ -764,14 +766,14 @@ impl VcpuHandle {
         false
     }
 
-    /// Joins the thread if it acknowledged its exit; otherwise leaves it detached rather than
-    /// hanging the VMM on a vCPU stuck in the kernel (it keeps guest RAM mapped until it ends).
     /// What the thread handed over when it acknowledged Exit, once.
     pub fn take_remains(&self) -> Option<Remains> {
         crate::sync::lock(&self.gate.slots[usize::from(self.index)].remains).take()
     }
 
-    /// Releases the VM's threads that acknowledged Exit ([`Gate::release`]) and joins this one.
+    /// Releases the VM's threads that acknowledged Exit ([`Gate::release`]) and joins this one
+    /// if it acknowledged its exit; otherwise leaves it detached rather than hanging the VMM on a
+    /// vCPU stuck in the kernel (it keeps its VcpuFd and guest RAM mapped until it ends).
     pub fn join(&self, acked_exit: bool) {
         // A thread left behind may still acknowledge later: it must not wait for a release then.
         self.gate.release();

@@ -520,7 +520,8 @@ impl VmControl {
     /// Collects the vCPU threads after `request_stop`, waiting for all of them at most until
     /// `deadline` (without holding the lifecycle lock); a thread that has not acknowledged
     /// its exit by then is left behind, detached. Returns whether this call stopped the VM
-    /// (false when it already was stopped, or another call is collecting).
+    /// (false when it already was stopped, another call is collecting, or `park_by` stopped it
+    /// and this call only ended the parked threads).
     pub fn finish_stop_by(&self, deadline: Instant) -> bool {
         let mut inner = self.lock();
         if inner.state == Lifecycle::Stopped || inner.collecting {

@@ -217,7 +217,12 @@ impl MergeThread {
         self.stopping.store(true, Ordering::Relaxed);
         // Its last look and exit run at real-time priority where permitted: on a host whose
         // cores are taken by busy vCPU threads, a tick at normal priority lasts seconds.
-        let _boost = crate::vcpu::RtBoost::thread(self.tid.load(Ordering::Acquire));
+        let finished = self.thread.as_ref().is_none_or(JoinHandle::is_finished);
+        let boost = if finished {
+            None
+        } else {
+            crate::vcpu::RtBoost::thread(self.tid.load(Ordering::Acquire))
+        };
         let _ = self.stop.send(());
         if crate::seccomp::parked(crate::seccomp::ThreadKind::Merge) {
             // Stopped by its seccomp filter for good: joining would wait forever.
@@ -228,6 +233,8 @@ impl MergeThread {
             if thread.join().is_err() {
                 log::error!("the merge thread panicked");
             }
+            // The thread is gone and its id may be another's by now: nothing to put back.
+            std::mem::forget(boost);
         }
     }
 }
@@ -377,8 +384,14 @@ impl Worker {
         // Pages resident now may be reclaimed below: mark them used first.
         self.observe_residency();
         self.reclaim_zero_pages();
+        if self.interrupted() {
+            return;
+        }
         if self.ticks % u64::from(self.opts.account_every.max(1)) == 1 || self.ticks == 1 {
             self.account();
+        }
+        if self.interrupted() {
+            return;
         }
         self.steer_ksm();
         if self.inject_panic && self.ticks == 3 {
