@@ -27,8 +27,8 @@ Examples:
   kvmerge run --kernel guest-images/out/payload.elf --cmdline 'fill=64 patterns=16' --count 4
 
 Exit status:
-  0    every guest exited with code 0 (debug-exit port 0xf4) or reset/powered off cleanly,
-       and matched --expect when given
+  0    every guest exited with code 0 (debug-exit port 0xf4), reset/powered off cleanly or ran
+       until --duration ended it, and matched --expect when given
   1    some guest failed: non-zero exit code, crash, or no --expect match (one line each on stderr)
   1    ... or a guest was stopped to relieve host memory pressure (see --overcommit)
   2    bad usage or bad input, or the fleet does not fit this host (nothing was started)
@@ -102,9 +102,13 @@ pub struct RunArgs {
     /// or a directory that receives DIR/vmK.log.
     #[arg(long, value_name = "prefix|none|DIR", default_value = "prefix")]
     pub console: String,
-    /// Stop every guest after this long and exit 124: 500ms, 30s, 2m.
+    /// Stop every guest after this long and exit 124 (a failure): 500ms, 30s, 2m.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<std::time::Duration>,
+    /// Run the guests for this long, then stop them: a planned end, exit 0 unless a guest failed
+    /// before (demos, soak and density runs). Not together with --timeout.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "timeout")]
+    pub duration: Option<std::time::Duration>,
     /// A guest passes only if a line of its console matches this regular expression.
     #[arg(long, value_name = "REGEX", value_parser = parse_regex)]
     pub expect: Option<Regex>,
@@ -200,6 +204,7 @@ impl RunArgs {
             vms,
             console,
             timeout: self.timeout,
+            duration: self.duration,
             expect: self.expect,
             interactive,
             ksm_policy: self.ksm_policy,

@@ -45,6 +45,10 @@ pub enum Error {
     TooManyVcpus(u8),
     #[error("--timeout {0:?} is longer than a year: give a shorter one, or none")]
     LongTimeout(Duration),
+    #[error("--duration {0:?} is longer than a year: give a shorter one, or none")]
+    LongDuration(Duration),
+    #[error("--duration and --timeout both end the run: give one of them")]
+    DurationAndTimeout,
     #[error("--overcommit {0}: give a ratio from 0.1 to {MAX_OVERCOMMIT} (1 = guest RAM must fit)")]
     Overcommit(String),
     #[error("--console '{0}': give 'prefix', 'none' or a directory for the vmK.log files")]
@@ -62,6 +66,8 @@ pub enum Error {
     BadDuration(String),
     #[error("--timeout must be longer than zero")]
     ZeroTimeout,
+    #[error("--duration must be longer than zero")]
+    ZeroDuration,
     #[error(
         "trust groups '{}' and '{}' both use dedup 'full', but the kernel has one KSM pool per \
          host, so their memory would be merged together; give all but one group dedup 'zero'",
@@ -127,6 +133,8 @@ pub struct Config {
     pub vms: Vec<VmConfig>,
     pub console: ConsoleMode,
     pub timeout: Option<Duration>,
+    /// A planned end: stop every guest after this long, a success (`--duration`).
+    pub duration: Option<Duration>,
     pub expect: Option<Regex>,
     /// Forward stdin to the guest's serial port (single guest on a terminal).
     pub interactive: bool,
@@ -153,6 +161,7 @@ impl Config {
             vms,
             console: ConsoleMode::Prefix,
             timeout: None,
+            duration: None,
             expect: None,
             interactive: false,
             ksm_policy: PolicyKind::Adaptive,
@@ -181,6 +190,12 @@ impl Config {
         match self.timeout {
             Some(Duration::ZERO) => return Err(Error::ZeroTimeout),
             Some(t) if t > MAX_TIMEOUT => return Err(Error::LongTimeout(t)),
+            _ => {}
+        }
+        match self.duration {
+            Some(Duration::ZERO) => return Err(Error::ZeroDuration),
+            Some(t) if t > MAX_TIMEOUT => return Err(Error::LongDuration(t)),
+            Some(_) if self.timeout.is_some() => return Err(Error::DurationAndTimeout),
             _ => {}
         }
         if !(0.1..=MAX_OVERCOMMIT).contains(&self.overcommit) {
@@ -398,6 +413,16 @@ mod tests {
         assert_eq!(c.validate(), Ok(()));
         c.timeout = parse_duration("10000000000000000000s").ok();
         assert!(matches!(c.validate(), Err(Error::LongTimeout(_))));
+        let mut c = config();
+        c.duration = Some(MAX_TIMEOUT);
+        assert_eq!(c.validate(), Ok(()));
+        c.duration = Some(MAX_TIMEOUT + Duration::from_secs(1));
+        assert!(matches!(c.validate(), Err(Error::LongDuration(_))));
+        c.duration = Some(Duration::ZERO);
+        assert_eq!(c.validate(), Err(Error::ZeroDuration));
+        c.duration = Some(Duration::from_secs(1));
+        c.timeout = Some(Duration::from_secs(2));
+        assert_eq!(c.validate(), Err(Error::DurationAndTimeout));
         let mut c = config();
         for bad in [0.0, 0.05, 100.5, f64::NAN] {
             c.overcommit = bad;

@@ -507,6 +507,7 @@ fn run_fleet(
         seccomp_blocked: false,
         urgent: None,
         stopping_all: false,
+        planned_end: false,
     }));
     let looped = control_loop(cfg, &control);
     let mut c = lock(&control);
@@ -576,12 +577,14 @@ fn control_loop(cfg: &Config, control: &Arc<Mutex<Control>>) -> Result<()> {
             .map_err(|e| Error::Control(e.to_string()))?;
         lock(control).stats_timer = Some(timer);
     }
-    if let Some(timeout) = cfg.timeout {
+    if let Some(end) = cfg.timeout.or(cfg.duration) {
         let mut timer = TimerFd::new().map_err(|e| Error::Control(e.to_string()))?;
         timer
-            .reset(timeout, None)
+            .reset(end, None)
             .map_err(|e| Error::Control(e.to_string()))?;
-        lock(control).timer = Some(timer);
+        let mut c = lock(control);
+        c.timer = Some(timer);
+        c.planned_end = cfg.duration.is_some();
     }
     let mut events: EventManager<Arc<Mutex<Control>>> =
         EventManager::new().map_err(|e| Error::Control(format!("{e:?}")))?;
@@ -965,6 +968,8 @@ struct Control {
     urgent: Option<RtBoost>,
     /// Every VM has been told to stop.
     stopping_all: bool,
+    /// The timer is `--duration`'s (a planned end), not `--timeout`'s.
+    planned_end: bool,
 }
 
 impl Control {
@@ -1125,8 +1130,13 @@ impl MutEventSubscriber for Control {
                     let _ = timer.wait();
                 }
                 let _ = ops.remove(events);
-                self.timed_out = true;
-                self.stop_all(VmEnd::Timeout);
+                if self.planned_end {
+                    log::info!("--duration is over; stopping all guests");
+                    self.stop_all(VmEnd::Planned);
+                } else {
+                    self.timed_out = true;
+                    self.stop_all(VmEnd::Timeout);
+                }
             }
             EV_STDIN => self.on_stdin(ops),
             EV_STATS => {

@@ -146,6 +146,8 @@ pub enum VmEnd {
     Vmm(String),
     /// `--timeout` expired first.
     Timeout,
+    /// `--duration` ended the run as planned: a clean end.
+    Planned,
     /// kvmerge received SIGINT or SIGTERM.
     Signal(i32),
     /// The user quit the interactive console.
@@ -157,7 +159,10 @@ pub enum VmEnd {
 impl VmEnd {
     /// Ends the guest chose itself, successfully: exit code 0 or a clean reset/poweroff.
     pub fn is_clean(&self) -> bool {
-        matches!(self, VmEnd::Exit(0) | VmEnd::Reset | VmEnd::Poweroff)
+        matches!(
+            self,
+            VmEnd::Exit(0) | VmEnd::Reset | VmEnd::Poweroff | VmEnd::Planned
+        )
     }
 }
 
@@ -177,6 +182,7 @@ impl fmt::Display for VmEnd {
             VmEnd::GuestCrash => write!(f, "crashed: guest reported a panic"),
             VmEnd::Vmm(why) => write!(f, "stopped by a VMM error: {why}"),
             VmEnd::Timeout => write!(f, "timed out"),
+            VmEnd::Planned => write!(f, "ran for its --duration"),
             VmEnd::Signal(sig) => write!(f, "stopped by signal {sig}"),
             VmEnd::Quit => write!(f, "stopped from the console"),
             VmEnd::Shed => write!(f, "stopped to relieve host memory pressure"),

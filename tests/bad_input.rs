@@ -282,6 +282,18 @@ fn durations_and_sizes_have_upper_bounds() {
         &run(&["--kernel", k, "--timeout", "400d"]),
         "invalid duration",
     );
+    assert_refused(
+        &run(&["--kernel", k, "--duration", "10000000000000000000s"]),
+        "longer than a year",
+    );
+    assert_refused(
+        &run(&["--kernel", k, "--duration", "0s"]),
+        "longer than zero",
+    );
+    assert_refused(
+        &run(&["--kernel", k, "--duration", "1s", "--timeout", "2s"]),
+        "cannot be used with",
+    );
     assert_refused(&run(&["--kernel", k, "--overcommit", "0"]), "ratio");
     assert_refused(&run(&["--kernel", k, "--overcommit", "1000"]), "ratio");
     assert_refused(

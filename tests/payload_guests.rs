@@ -280,6 +280,61 @@ fn timeout_ends_idle_guests_with_124() {
     );
 }
 
+/// `--duration`: a planned end. Guests still running when it is over stop, and the run succeeds;
+/// a guest that failed before still fails the run, and a fleet that ends by itself does not wait.
+#[test]
+fn duration_is_a_planned_end_and_masks_no_failure() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_payload(
+        &[
+            "--count",
+            "2",
+            "--memory",
+            "16M",
+            "--cmdline",
+            "then=idle",
+            "--duration",
+            "700ms",
+            "-v",
+        ],
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    assert!(out.elapsed >= Duration::from_millis(700), "{}", out.dump());
+    assert!(out.stderr.contains("--duration is over"), "{}", out.dump());
+    assert!(!out.stderr.contains("timed out"), "{}", out.dump());
+    assert!(!out.stderr.contains("--timeout expired"), "{}", out.dump());
+    assert_eq!(
+        lines_with(&out.stdout, "PAYLOAD-READY").len(),
+        2,
+        "{}",
+        out.dump()
+    );
+
+    // vm1 exits 1 long before the duration is over: the run ends then, and fails.
+    let out = run_payload(
+        &[
+            "--count",
+            "2",
+            "--memory",
+            "16M",
+            "--cmdline",
+            "then=exit:{index}",
+            "--duration",
+            "1h",
+        ],
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.dump());
+    assert!(
+        out.stderr.contains("vm1: exited with code 1"),
+        "{}",
+        out.dump()
+    );
+}
+
 #[test]
 fn expect_match_and_mismatch() {
     if !kvm_available() {
