@@ -196,12 +196,19 @@ impl Writer {
         let (done_tx, done) = mpsc::channel();
         let thread_wake = wake.clone();
         spawn_with_signals_blocked(name, move || {
-            // Writers started before `seccomp::prepare` (an early stderr line) run unfiltered.
-            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Io) {
+            // A writer started before `seccomp::prepare` (the stderr writer, for an early line)
+            // gets its filter at its first wake-up after it.
+            let filtered = match crate::seccomp::install(crate::seccomp::ThreadKind::Io) {
+                Ok(filtered) => filtered,
+                Err(e) => {
+                    log::error!("{e}");
+                    return;
+                }
+            };
+            if let Err(e) = run_writer(&thread_wake, &mut drains, filtered) {
                 log::error!("{e}");
                 return;
             }
-            run_writer(&thread_wake, &mut drains);
             let _ = done_tx.send(());
         })?;
         Ok((Writer { wake, done }, handles))
@@ -273,7 +280,11 @@ impl Drain {
     }
 }
 
-fn run_writer(wake: &Wake, drains: &mut [Drain]) {
+fn run_writer(
+    wake: &Wake,
+    drains: &mut [Drain],
+    mut filtered: bool,
+) -> Result<(), crate::seccomp::Error> {
     loop {
         let closing = {
             let mut closing = lock(&wake.closing);
@@ -282,11 +293,14 @@ fn run_writer(wake: &Wake, drains: &mut [Drain]) {
             }
             *closing
         };
+        if !filtered && crate::seccomp::prepared() {
+            filtered = crate::seccomp::install(crate::seccomp::ThreadKind::Io)?;
+        }
         for drain in drains.iter_mut() {
             drain.drain();
         }
         if closing && drains.iter().all(Drain::is_empty) {
-            return;
+            return Ok(());
         }
     }
 }

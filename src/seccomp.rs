@@ -157,6 +157,8 @@ pub struct Blocked {
 
 /// The mode of this process's runs; `Off` until [`prepare`] says otherwise.
 static MODE: AtomicU8 = AtomicU8::new(MODE_OFF);
+/// [`prepare`] has decided the mode (and compiled the filters it needs).
+static PREPARED: AtomicBool = AtomicBool::new(false);
 const MODE_OFF: u8 = 0;
 const MODE_LOG: u8 = 1;
 const MODE_KILL: u8 = 2;
@@ -195,11 +197,13 @@ pub fn prepare(mode: SeccompMode) -> Result<Option<RawFd>> {
     };
     if mode == SeccompMode::Off {
         MODE.store(code, Ordering::SeqCst);
+        PREPARED.store(true, Ordering::SeqCst);
         return Ok(None);
     }
     let programs = compile_all(mode, std::process::id())?;
     *crate::sync::lock(&PROGRAMS) = Some(Arc::new(programs));
     MODE.store(code, Ordering::SeqCst);
+    PREPARED.store(true, Ordering::SeqCst);
     if mode != SeccompMode::Kill {
         return Ok(None);
     }
@@ -218,15 +222,22 @@ pub fn prepare(mode: SeccompMode) -> Result<Option<RawFd>> {
 
 /// Installs the calling thread's filter for the mode [`prepare`] set (nothing when it was not
 /// called, or `off`). Call it as the thread's first statement; it cannot be undone.
-pub fn install(kind: ThreadKind) -> Result<()> {
+///
+/// Returns false when [`prepare`] has not decided the mode yet: a thread started that early (the
+/// stderr writer, for a line printed during the pre-flight checks) calls again later
+/// ([`prepared`]) to get its filter.
+pub fn install(kind: ThreadKind) -> Result<bool> {
     KIND.with(|c| c.set(kind.code()));
     INJECT.with(|c| c.set(injection_wanted(kind)));
+    if !PREPARED.load(Ordering::SeqCst) {
+        return Ok(false);
+    }
     if MODE.load(Ordering::SeqCst) == MODE_OFF {
-        return Ok(());
+        return Ok(true);
     }
     let programs = crate::sync::lock(&PROGRAMS).clone();
     let Some(programs) = programs else {
-        return Ok(());
+        return Ok(true);
     };
     let (_, list) = programs
         .per_kind
@@ -239,7 +250,13 @@ pub fn install(kind: ThreadKind) -> Result<()> {
             source,
         })?;
     }
-    Ok(())
+    Ok(true)
+}
+
+/// Whether [`prepare`] has decided the mode: a thread whose [`install`] came too early may
+/// install its filter now.
+pub fn prepared() -> bool {
+    PREPARED.load(Ordering::SeqCst)
 }
 
 /// The first system call a filter stopped in this process, if any.

@@ -237,3 +237,64 @@ fn off_and_log_let_the_call_through() {
         );
     }
 }
+
+/// The stderr writer starts with the first line kvmerge prints. A line printed during the
+/// pre-flight checks (here: the raised open-file limit), before the filters are compiled, starts
+/// it unfiltered; it must get its I/O filter once they are, like every other thread.
+#[test]
+fn a_writer_started_before_the_filters_gets_one_later() {
+    let _ksm = serial();
+    if !kvm_available() {
+        return;
+    }
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "ulimit -Sn 64 && exec '{}' -v run --kernel '{}' --count 40 --memory 4M \
+             --cmdline then=idle --console none --ksm-policy kernel --duration 100s",
+            env!("CARGO_BIN_EXE_kvmerge"),
+            payload().display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = Running(cmd.spawn().expect("cannot start kvmerge"));
+    let pid = child.0.id();
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + LIMIT;
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("built 40 VM(s)")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("kvmerge did not build its fleet:\n{}", seen.join("\n")),
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("raised the open-file limit")),
+        "no line before the filters, so this test shows nothing:\n{}",
+        seen.join("\n")
+    );
+    // The writer installs its filter when it next wakes: it wrote the 'built' line since.
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let writer = tasks
+        .filter_map(|t| t.ok())
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "kvmerge-stderr")
+        })
+        .expect("a kvmerge-stderr thread");
+    let status = std::fs::read_to_string(writer.path().join("status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]),
+        "the stderr writer runs without a filter:\n{status}"
+    );
+}
