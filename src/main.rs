@@ -34,6 +34,10 @@ fn run_command() -> ExitCode {
     // the interactive console made raw (that hook runs first).
     kvmerge::dedup::ksm::install_panic_hook();
     kvmerge::terminal::install_panic_hook();
+    // A terminal left raw by a kvmerge that was killed (SIGKILL, OOM) is put back first.
+    if let Some(line) = kvmerge::terminal::repair_on_start(libc::STDIN_FILENO) {
+        say(&line);
+    }
     match cli.command {
         Command::Ksm(args) => ksm_command(args.restore),
         Command::Run(args) => {

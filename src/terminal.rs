@@ -1,13 +1,24 @@
 //! Raw mode for the interactive console, restored when the guard drops (normal end, error, or a
 //! signal, since every catchable stop signal is handled through the control loop rather than
 //! killing us), and by the panic hook of [`install_panic_hook`] when any thread panics.
+//!
+//! What cannot be caught (SIGKILL, the OOM killer) leaves the terminal raw. So before the change,
+//! the settings to put back are written to a journal in the run directory
+//! (`terminal-<device>.json` next to the KSM journal; `$XDG_RUNTIME_DIR/kvmerge` for users other
+//! than root), with the owner's pid and start time; the guard removes it. The next kvmerge started
+//! on that terminal ([`repair_on_start`]) finds a journal whose owner is gone and, if the terminal
+//! is still exactly as kvmerge left it, restores it with one line.
 
 use std::os::fd::RawFd;
+use std::path::PathBuf;
 use std::sync::{Mutex, Once};
+
+use serde::{Deserialize, Serialize};
 
 pub struct RawMode {
     fd: RawFd,
     saved: libc::termios,
+    journal: Option<PathBuf>,
 }
 
 /// The settings to put back, while some terminal is raw: read by the panic hook.
@@ -55,15 +66,18 @@ impl RawMode {
         raw.c_iflag &= !(libc::IXON | libc::ICRNL | libc::INLCR | libc::IGNCR | libc::BRKINT);
         raw.c_cc[libc::VMIN] = 1;
         raw.c_cc[libc::VTIME] = 0;
+        // Persisted before the change, so that even a SIGKILL after it is repaired later.
+        let journal = write_journal(fd, &saved, &raw);
         // Registered before the change, so a panic at any point after it can undo it.
         *crate::sync::lock(&SAVED) = Some((fd, saved));
         // SAFETY: `raw` is a valid termios derived from the current one.
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
             let err = std::io::Error::last_os_error();
             *crate::sync::lock(&SAVED) = None;
+            remove_journal(journal.as_ref());
             return Err(err);
         }
-        Ok(RawMode { fd, saved })
+        Ok(RawMode { fd, saved, journal })
     }
 }
 
@@ -72,7 +86,184 @@ impl Drop for RawMode {
         // SAFETY: restores the exact settings read in `enter`.
         unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
         *crate::sync::lock(&SAVED) = None;
+        remove_journal(self.journal.as_ref());
     }
+}
+
+/// A termios, field by field, for the journal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Settings {
+    iflag: u32,
+    oflag: u32,
+    cflag: u32,
+    lflag: u32,
+    line: u8,
+    cc: Vec<u8>,
+    ispeed: u32,
+    ospeed: u32,
+}
+
+impl Settings {
+    fn of(t: &libc::termios) -> Settings {
+        Settings {
+            iflag: t.c_iflag,
+            oflag: t.c_oflag,
+            cflag: t.c_cflag,
+            lflag: t.c_lflag,
+            line: t.c_line,
+            cc: t.c_cc.to_vec(),
+            ispeed: t.c_ispeed,
+            ospeed: t.c_ospeed,
+        }
+    }
+
+    fn termios(&self) -> Option<libc::termios> {
+        // SAFETY: termios is plain data; every field is set below.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        if self.cc.len() != t.c_cc.len() {
+            return None;
+        }
+        t.c_iflag = self.iflag;
+        t.c_oflag = self.oflag;
+        t.c_cflag = self.cflag;
+        t.c_lflag = self.lflag;
+        t.c_line = self.line;
+        t.c_cc.copy_from_slice(&self.cc);
+        t.c_ispeed = self.ispeed;
+        t.c_ospeed = self.ospeed;
+        Some(t)
+    }
+}
+
+/// What a kvmerge that made a terminal raw must leave for the next one.
+#[derive(Debug, Serialize, Deserialize)]
+struct Journal {
+    pid: u32,
+    /// The owner's start time (/proc/PID/stat), so that a reused pid is not taken for it.
+    start_time: Option<u64>,
+    /// The settings to put back.
+    saved: Settings,
+    /// The settings kvmerge set: repaired only while the terminal still has them.
+    raw: Settings,
+}
+
+/// Largest terminal journal read: a few hundred bytes are expected.
+const MAX_JOURNAL_BYTES: u64 = 16 * 1024;
+
+/// The journal's path for the terminal on `fd` (None: not a terminal device, or no run directory
+/// this user may write).
+fn journal_path(fd: RawFd) -> Option<PathBuf> {
+    // SAFETY: stat is plain data; fstat fills it or fails.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out pointer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFCHR {
+        return None;
+    }
+    let dir = match std::env::var_os(crate::dedup::ksm::journal::RUN_DIR_ENV) {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        // SAFETY: geteuid has no preconditions.
+        _ if unsafe { libc::geteuid() } == 0 => {
+            PathBuf::from(crate::dedup::ksm::journal::HOST_RUN_DIR)
+        }
+        _ => PathBuf::from(std::env::var_os("XDG_RUNTIME_DIR")?).join("kvmerge"),
+    };
+    Some(dir.join(format!("terminal-{:x}.json", st.st_rdev)))
+}
+
+fn write_journal(fd: RawFd, saved: &libc::termios, raw: &libc::termios) -> Option<PathBuf> {
+    let path = journal_path(fd)?;
+    let pid = std::process::id();
+    let journal = Journal {
+        pid,
+        start_time: crate::dedup::procfs::process_start_time(pid),
+        saved: Settings::of(saved),
+        raw: Settings::of(raw),
+    };
+    let written = (|| -> std::io::Result<()> {
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let text = serde_json::to_vec(&journal).map_err(std::io::Error::other)?;
+        let tmp = path.with_extension(format!("json.{pid}"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &path)
+    })();
+    match written {
+        Ok(()) => Some(path),
+        Err(e) => {
+            log::debug!(
+                "cannot journal the terminal settings in {}: {e} (a kvmerge killed with SIGKILL \
+                 leaves the terminal raw; `reset` repairs it)",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+fn remove_journal(path: Option<&PathBuf>) {
+    if let Some(path) = path {
+        if let Err(e) = std::fs::remove_file(path) {
+            log::debug!("cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
+/// Repairs the terminal on `fd` (stdin) if a kvmerge that is gone left it raw: called at start,
+/// before anything else touches the terminal. Returns the line to print when it did.
+pub fn repair_on_start(fd: RawFd) -> Option<String> {
+    // SAFETY: isatty has no preconditions.
+    if unsafe { libc::isatty(fd) } != 1 {
+        return None;
+    }
+    let path = journal_path(fd)?;
+    let text = read_bounded(&path)?;
+    let Ok(journal) = serde_json::from_slice::<Journal>(&text) else {
+        log::debug!("{}: not a terminal journal; removed", path.display());
+        remove_journal(Some(&path));
+        return None;
+    };
+    let alive = journal.pid == std::process::id()
+        || (crate::dedup::procfs::process_start_time(journal.pid).is_some()
+            && crate::dedup::procfs::process_start_time(journal.pid) == journal.start_time);
+    if alive {
+        // Another kvmerge uses this terminal right now: its settings are its own business.
+        return None;
+    }
+    // SAFETY: termios is plain data; tcgetattr fills it or fails.
+    let mut now: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out pointer.
+    if unsafe { libc::tcgetattr(fd, &mut now) } != 0 {
+        return None;
+    }
+    let line = match journal.saved.termios() {
+        Some(saved) if Settings::of(&now) == journal.raw => {
+            // SAFETY: settings this terminal had before the kvmerge that is gone changed them.
+            if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) } != 0 {
+                return None;
+            }
+            Some(format!(
+                "kvmerge: restored the terminal settings that kvmerge (pid {}) left when it was \
+                 killed",
+                journal.pid
+            ))
+        }
+        // Changed since (the user ran `reset` or `stty`): nothing to repair.
+        _ => None,
+    };
+    remove_journal(Some(&path));
+    line
+}
+
+fn read_bounded(path: &std::path::Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > MAX_JOURNAL_BYTES {
+        return None;
+    }
+    let mut text = Vec::new();
+    file.take(MAX_JOURNAL_BYTES).read_to_end(&mut text).ok()?;
+    Some(text)
 }
 
 /// What a chunk of console input means once the escape sequence (Ctrl-A x, as in QEMU) is decoded.

@@ -486,3 +486,37 @@ fn a_suspended_terminal_does_not_hold_a_stop() {
     assert_eq!(status.code(), Some(143), "{}", c.dump());
     wait_restored(&mut c, &before, "after SIGTERM with output suspended");
 }
+
+/// SIGKILL cannot be caught, so the terminal stays raw; the settings to put back were journaled
+/// before the change, and the next kvmerge started on that terminal restores them (one line),
+/// before it makes the terminal raw itself.
+#[test]
+fn a_terminal_left_raw_by_a_killed_kvmerge_is_repaired_by_the_next_one() {
+    if !kvm_available() {
+        return;
+    }
+    let run_dir = TempDir::new("terminal-journal");
+    let env = [("KVMERGE_RUN_DIR", run_dir.path().to_str().unwrap())];
+    let pty = Pty::open();
+    let before = termios(pty.slave.as_raw_fd());
+    let mut c = Console::attach_env(pty, "then=console", &env);
+    c.child.0.kill().expect("SIGKILL");
+    c.wait_exit(LIMIT);
+    assert_ne!(
+        c.slave_termios().c_lflag,
+        before.c_lflag,
+        "SIGKILL should have left the terminal raw: this test shows nothing"
+    );
+    let Console { pty, .. } = c;
+    let mut next = Console::spawn_env(pty, "then=exit:0", &env);
+    next.expect("restored the terminal settings that kvmerge (pid");
+    let status = next.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(0), "{}", next.dump());
+    wait_restored(&mut next, &before, "by the next kvmerge on that terminal");
+    let left: Vec<_> = std::fs::read_dir(run_dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("terminal-"))
+        .collect();
+    assert!(left.is_empty(), "journal left behind: {left:?}");
+}
