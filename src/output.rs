@@ -205,10 +205,7 @@ impl Writer {
                     return;
                 }
             };
-            if let Err(e) = run_writer(&thread_wake, &mut drains, filtered) {
-                log::error!("{e}");
-                return;
-            }
+            run_writer(&thread_wake, &mut drains, filtered);
             let _ = done_tx.send(());
         })?;
         Ok((Writer { wake, done }, handles))
@@ -280,11 +277,7 @@ impl Drain {
     }
 }
 
-fn run_writer(
-    wake: &Wake,
-    drains: &mut [Drain],
-    mut filtered: bool,
-) -> Result<(), crate::seccomp::Error> {
+fn run_writer(wake: &Wake, drains: &mut [Drain], mut filtered: bool) {
     loop {
         let closing = {
             let mut closing = lock(&wake.closing);
@@ -294,13 +287,19 @@ fn run_writer(
             *closing
         };
         if !filtered && crate::seccomp::prepared() {
-            filtered = crate::seccomp::install(crate::seccomp::ThreadKind::Io)?;
+            filtered = true;
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Io) {
+                // Said straight to stderr: this thread is the one that would write a log line.
+                // It goes on writing, without its filter.
+                let line = format!("kvmerge: error: {e}\n");
+                let _ = write_all(libc::STDERR_FILENO, line.as_bytes());
+            }
         }
         for drain in drains.iter_mut() {
             drain.drain();
         }
         if closing && drains.iter().all(Drain::is_empty) {
-            return Ok(());
+            return;
         }
     }
 }

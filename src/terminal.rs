@@ -74,7 +74,7 @@ impl RawMode {
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
             let err = std::io::Error::last_os_error();
             *crate::sync::lock(&SAVED) = None;
-            remove_journal(journal.as_ref());
+            remove_own_journal(journal.as_ref());
             return Err(err);
         }
         Ok(RawMode { fd, saved, journal })
@@ -86,7 +86,7 @@ impl Drop for RawMode {
         // SAFETY: restores the exact settings read in `enter`.
         unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
         *crate::sync::lock(&SAVED) = None;
-        remove_journal(self.journal.as_ref());
+        remove_own_journal(self.journal.as_ref());
     }
 }
 
@@ -179,17 +179,39 @@ fn write_journal(fd: RawFd, saved: &libc::termios, raw: &libc::termios) -> Optio
         saved: Settings::of(saved),
         raw: Settings::of(raw),
     };
+    let tmp = path.with_extension(format!("json.{pid}"));
     let written = (|| -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
         let dir = path.parent().unwrap_or(std::path::Path::new("."));
-        std::fs::create_dir_all(dir)?;
+        // Private, as the KSM journal's directory (the same one, as root), and ours.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let meta = std::fs::symlink_metadata(dir)?;
+        // SAFETY: geteuid has no preconditions.
+        if !meta.is_dir() || meta.uid() != unsafe { libc::geteuid() } {
+            return Err(std::io::Error::other(
+                "the directory is not this user's own",
+            ));
+        }
         let text = serde_json::to_vec(&journal).map_err(std::io::Error::other)?;
-        let tmp = path.with_extension(format!("json.{pid}"));
-        std::fs::write(&tmp, text)?;
+        // A fresh file (no symlink followed, nothing overwritten), then renamed into place.
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        file.write_all(&text)?;
         std::fs::rename(&tmp, &path)
     })();
     match written {
         Ok(()) => Some(path),
         Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
             log::debug!(
                 "cannot journal the terminal settings in {}: {e} (a kvmerge killed with SIGKILL \
                  leaves the terminal raw; `reset` repairs it)",
@@ -208,11 +230,42 @@ fn remove_journal(path: Option<&PathBuf>) {
     }
 }
 
+/// Removes our own journal: only while it still names this process (another kvmerge made the
+/// same terminal raw after us and journaled its own settings).
+fn remove_own_journal(path: Option<&PathBuf>) {
+    let Some(path) = path else { return };
+    let ours = read_journal(path).is_some_and(|j| j.pid == std::process::id());
+    if ours {
+        remove_journal(Some(path));
+    }
+}
+
+/// Whether the kvmerge that wrote `journal` still runs.
+fn writer_alive(journal: &Journal) -> bool {
+    match journal.start_time {
+        // A pid reused by another process (or this one, in a container whose /run persists)
+        // has another start time.
+        Some(t) => crate::dedup::procfs::process_start_time(journal.pid) == Some(t),
+        // Start time unknown: only a pid that is gone is surely gone.
+        None => std::path::Path::new(&format!("/proc/{}", journal.pid)).exists(),
+    }
+}
+
+fn read_journal(path: &std::path::Path) -> Option<Journal> {
+    serde_json::from_slice(&read_bounded(path)?).ok()
+}
+
 /// Repairs the terminal on `fd` (stdin) if a kvmerge that is gone left it raw: called at start,
 /// before anything else touches the terminal. Returns the line to print when it did.
 pub fn repair_on_start(fd: RawFd) -> Option<String> {
     // SAFETY: isatty has no preconditions.
     if unsafe { libc::isatty(fd) } != 1 {
+        return None;
+    }
+    // Only in the terminal's foreground: a background process changing it would be stopped
+    // (SIGTTOU), and the shell in front owns it meanwhile.
+    // SAFETY: tcgetpgrp and getpgrp have no memory preconditions.
+    if unsafe { libc::tcgetpgrp(fd) != libc::getpgrp() } {
         return None;
     }
     let path = journal_path(fd)?;
@@ -222,10 +275,7 @@ pub fn repair_on_start(fd: RawFd) -> Option<String> {
         remove_journal(Some(&path));
         return None;
     };
-    let alive = journal.pid == std::process::id()
-        || (crate::dedup::procfs::process_start_time(journal.pid).is_some()
-            && crate::dedup::procfs::process_start_time(journal.pid) == journal.start_time);
-    if alive {
+    if writer_alive(&journal) {
         // Another kvmerge uses this terminal right now: its settings are its own business.
         return None;
     }
@@ -254,11 +304,20 @@ pub fn repair_on_start(fd: RawFd) -> Option<String> {
     line
 }
 
+/// Reads a journal: a regular file of this user's, not through a symlink, without blocking (a
+/// FIFO planted in its place), and bounded.
 fn read_bounded(path: &std::path::Path) -> Option<Vec<u8>> {
     use std::io::Read;
-    let file = std::fs::File::open(path).ok()?;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
     let meta = file.metadata().ok()?;
-    if !meta.is_file() || meta.len() > MAX_JOURNAL_BYTES {
+    // SAFETY: geteuid has no preconditions.
+    let own = meta.uid() == unsafe { libc::geteuid() };
+    if !meta.is_file() || !own || meta.len() > MAX_JOURNAL_BYTES {
         return None;
     }
     let mut text = Vec::new();
@@ -316,5 +375,53 @@ mod tests {
         assert_eq!(d.feed(b"\x01b"), Input::Guest(b"\x01b".to_vec()));
         assert_eq!(d.feed(b"\x01zq"), Input::Guest(b"q".to_vec()));
         assert_eq!(d.feed(b"c\x01x rest"), Input::Quit(b"c".to_vec()));
+    }
+
+    fn journal_of(pid: u32, start_time: Option<u64>) -> Journal {
+        // SAFETY: termios is plain data.
+        let t: libc::termios = unsafe { std::mem::zeroed() };
+        Journal {
+            pid,
+            start_time,
+            saved: Settings::of(&t),
+            raw: Settings::of(&t),
+        }
+    }
+
+    #[test]
+    fn a_journal_writer_is_alive_only_with_its_own_start_time() {
+        let me = std::process::id();
+        let started = crate::dedup::procfs::process_start_time(me).unwrap();
+        assert!(writer_alive(&journal_of(me, Some(started))));
+        // The same pid, another process (pid reuse, or a container's pid 1 after a restart).
+        assert!(!writer_alive(&journal_of(me, Some(started + 1))));
+        // Start time unknown: alive while the pid exists.
+        assert!(writer_alive(&journal_of(me, None)));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        assert!(!writer_alive(&journal_of(gone, None)));
+    }
+
+    #[test]
+    fn journals_are_read_only_from_regular_files_not_through_links_or_fifos() {
+        let dir = std::env::temp_dir().join(format!("kvmerge-term-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("terminal-1.json");
+        std::fs::write(&file, b"{}").unwrap();
+        assert_eq!(read_bounded(&file).as_deref(), Some(&b"{}"[..]));
+        let link = dir.join("terminal-2.json");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert_eq!(read_bounded(&link), None, "a symlink is not followed");
+        let fifo = dir.join("terminal-3.json");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert_eq!(
+            read_bounded(&fifo),
+            None,
+            "a FIFO is refused without blocking"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -157,7 +157,7 @@ pub enum VmEnd {
 }
 
 impl VmEnd {
-    /// Ends the guest chose itself, successfully: exit code 0 or a clean reset/poweroff.
+    /// Successful ends: exit code 0, a clean reset or poweroff, or `--duration` being over.
     pub fn is_clean(&self) -> bool {
         matches!(
             self,
