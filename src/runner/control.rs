@@ -57,13 +57,13 @@ pub(super) fn control_loop(cfg: &Config, control: &Arc<Mutex<Control>>) -> Resul
 }
 
 /// Event tokens of the control loop.
-pub(super) const EV_SIGNAL: u32 = 1;
-pub(super) const EV_NOTIFY: u32 = 2;
-pub(super) const EV_TIMER: u32 = 3;
-pub(super) const EV_STDIN: u32 = 4;
-pub(super) const EV_INPUT_DRAINED: u32 = 5;
-pub(super) const EV_STATS: u32 = 6;
-pub(super) const EV_SECCOMP: u32 = 7;
+const EV_SIGNAL: u32 = 1;
+const EV_NOTIFY: u32 = 2;
+const EV_TIMER: u32 = 3;
+const EV_STDIN: u32 = 4;
+const EV_INPUT_DRAINED: u32 = 5;
+const EV_STATS: u32 = 6;
+const EV_SECCOMP: u32 = 7;
 
 pub(super) struct Control {
     pub(super) vms: Vec<Vm>,
@@ -95,7 +95,7 @@ pub(super) struct Control {
 }
 
 impl Control {
-    pub(super) fn stop_all(&mut self, why: VmEnd) {
+    fn stop_all(&mut self, why: VmEnd) {
         self.stopping_all = true;
         if let Some(boost) = stop_all(&self.vms, why) {
             self.urgent = Some(boost);
@@ -103,7 +103,7 @@ impl Control {
     }
 
     /// Publishes the merge thread's latest figures: status line and `--stats`.
-    pub(super) fn on_stats_tick(&mut self) {
+    fn on_stats_tick(&mut self) {
         let Some(merge) = &self.merge else { return };
         let status = merge.status();
         if self.status_line {
@@ -116,14 +116,14 @@ impl Control {
     }
 
     /// Every VM has stopped or been told to (its vCPU threads are collected at the end).
-    pub(super) fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.vms
             .iter()
             .all(|vm| matches!(vm.state(), vm::Lifecycle::Stopping | vm::Lifecycle::Stopped))
     }
 
     /// Stops the VMs whose guests have ended.
-    pub(super) fn reap(&mut self) {
+    fn reap(&mut self) {
         if self.urgent.is_some() || self.stopping_all {
             // The whole fleet is stopping: `retire` collects it, after the merge thread's last
             // look at guest memory.
@@ -151,7 +151,7 @@ impl Control {
         }
     }
 
-    pub(super) fn on_stdin(&mut self, ops: &mut EventOps) {
+    fn on_stdin(&mut self, ops: &mut EventOps) {
         let mut buf = [0u8; 256];
         // SAFETY: reading into our own buffer from the process's stdin.
         let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
@@ -180,7 +180,7 @@ impl Control {
     }
 
     /// Moves queued console input into the guest's UART as room allows.
-    pub(super) fn feed_input(&mut self, ops: &mut EventOps) {
+    fn feed_input(&mut self, ops: &mut EventOps) {
         if let Some(vm) = self.vms.first() {
             let (front, _) = self.pending_input.as_slices();
             let taken = vm.shared().devices().serial_input(front);
@@ -190,7 +190,7 @@ impl Control {
         self.watch_stdin(ops, !backlog);
     }
 
-    pub(super) fn watch_stdin(&mut self, ops: &mut EventOps, on: bool) {
+    fn watch_stdin(&mut self, ops: &mut EventOps, on: bool) {
         if on == self.stdin {
             return;
         }

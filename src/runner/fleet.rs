@@ -88,29 +88,29 @@ pub(super) enum Built {
 }
 
 /// How long the vCPU threads of a fleet may take to acknowledge Start, all together.
-pub(super) const START_TIMEOUT: Duration = Duration::from_secs(30);
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a fleet's start looks for stop signals while it waits.
-pub(super) const START_POLL: Duration = Duration::from_millis(50);
+const START_POLL: Duration = Duration::from_millis(50);
 
 /// Threads that collect and destroy VMs at once. Closing a VM fd makes KVM free the VM, which
 /// mostly waits for RCU grace periods: many threads overlap those waits (measured with 512 VMs
 /// of 4 MiB on 2 cores: 5.8 s with 2 threads, 0.65 s with 64).
-pub(super) const STOP_WORKERS: usize = 64;
+const STOP_WORKERS: usize = 64;
 
 /// Calls `f(i)` for every `i` in `0..n` on the calling thread and up to `workers - 1` more, and
 /// returns when every call has. Threads that cannot be started are done without.
-pub(super) fn spread(n: usize, workers: usize, f: impl Fn(usize) + Sync) {
+fn spread(n: usize, workers: usize, f: impl Fn(usize) + Sync) {
     spread_with(n, workers, false, f);
 }
 
 /// [`spread`] for the work of a stop: every thread doing it runs at real-time priority where the
 /// process may ([`RtBoost`]), so that a stop on a host whose cores are all taken by busy vCPU
 /// threads is not spread over as many scheduler rounds as there are vCPU threads.
-pub(super) fn spread_urgent(n: usize, workers: usize, f: impl Fn(usize) + Sync) {
+fn spread_urgent(n: usize, workers: usize, f: impl Fn(usize) + Sync) {
     spread_with(n, workers, true, f);
 }
 
-pub(super) fn spread_with(n: usize, workers: usize, urgent: bool, f: impl Fn(usize) + Sync) {
+fn spread_with(n: usize, workers: usize, urgent: bool, f: impl Fn(usize) + Sync) {
     let next = AtomicUsize::new(0);
     let work = || {
         let _boost = if urgent { RtBoost::this_thread() } else { None };
@@ -187,7 +187,7 @@ pub(super) fn teardown(vms: Vec<Vm>) {
 }
 
 /// The second pass of [`retire`]: ends the vCPU threads of dismantled VMs and unmaps their RAM.
-pub(super) fn teardown_dismantled(slots: Vec<Mutex<Option<Vm>>>) {
+fn teardown_dismantled(slots: Vec<Mutex<Option<Vm>>>) {
     spread_urgent(slots.len(), STOP_WORKERS, |i| drop(lock(&slots[i]).take()));
 }
 

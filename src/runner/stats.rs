@@ -13,13 +13,13 @@ pub(super) const STATS_PERIOD: Duration = Duration::from_secs(1);
 /// `--stats FILE`: one JSON object per line, written by its own writer thread so that a file that
 /// is not read (a FIFO) never stalls the control loop; lines that do not fit are dropped.
 pub(super) struct StatsFile {
-    pub(super) path: PathBuf,
-    pub(super) writer: Writer,
-    pub(super) lane: Lane,
+    path: PathBuf,
+    writer: Writer,
+    lane: Lane,
 }
 
 /// Room for many seconds of figures even for large fleets (a line grows with the fleet).
-pub(super) const STATS_CAPACITY: usize = 8 << 20;
+const STATS_CAPACITY: usize = 8 << 20;
 
 impl StatsFile {
     pub(super) fn create(path: &Path) -> Result<StatsFile> {
