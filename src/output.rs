@@ -13,7 +13,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,10 @@ struct LaneState {
 struct LaneInner {
     capacity: usize,
     state: Mutex<LaneState>,
+    /// Bytes queued so far, and bytes the writer has finished with (written, or discarded after
+    /// the sink failed): equal when everything queued is out.
+    queued: AtomicU64,
+    settled: AtomicU64,
 }
 
 /// Wakes a writer thread: `pending` avoids a wake-up per byte, the mutex orders it with the
@@ -130,8 +134,27 @@ impl Lane {
                 return;
             }
             s.buf.extend_from_slice(bytes);
+            self.inner
+                .queued
+                .fetch_add(bytes.len() as u64, Ordering::SeqCst);
         }
         self.wake.notify();
+    }
+
+    /// Waits until everything queued in this lane before the call has been written (or given
+    /// up because the sink failed), at most `within`. Returns whether it was.
+    pub fn flush(&self, within: Duration) -> bool {
+        let target = self.inner.queued.load(Ordering::SeqCst);
+        let deadline = Instant::now() + within;
+        loop {
+            if self.inner.settled.load(Ordering::SeqCst) >= target {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Queues `bytes` only when nothing else waits in this lane, without counting a drop: for
@@ -142,8 +165,11 @@ impl Lane {
             if s.failed || s.dropped_since > 0 || !s.buf.is_empty() {
                 return false;
             }
-            s.buf
-                .extend_from_slice(&bytes[..bytes.len().min(self.inner.capacity)]);
+            let taken = &bytes[..bytes.len().min(self.inner.capacity)];
+            s.buf.extend_from_slice(taken);
+            self.inner
+                .queued
+                .fetch_add(taken.len() as u64, Ordering::SeqCst);
         }
         self.wake.notify();
         true
@@ -174,6 +200,8 @@ impl Writer {
         for spec in lanes {
             let inner = Arc::new(LaneInner {
                 capacity: spec.capacity,
+                queued: AtomicU64::new(0),
+                settled: AtomicU64::new(0),
                 state: Mutex::new(LaneState {
                     buf: Vec::new(),
                     dropped_since: 0,
@@ -253,16 +281,19 @@ impl Drain {
             std::mem::take(&mut s.dropped_since)
         };
         let mut result = write_all(self.sink.fd(), &self.spare);
+        let settled = self.spare.len() as u64;
         self.spare.clear();
         if result.is_ok() && dropped > 0 {
             if let Some(marker) = self.marker.text(dropped) {
                 result = write_all(self.sink.fd(), marker.as_bytes());
             }
         }
+        self.inner.settled.fetch_add(settled, Ordering::SeqCst);
         if let Err(e) = result {
             let mut s = lock(&self.inner.state);
             s.failed = true;
-            s.buf = Vec::new();
+            let discarded = std::mem::take(&mut s.buf).len() as u64;
+            self.inner.settled.fetch_add(discarded, Ordering::SeqCst);
             drop(s);
             if !matches!(self.sink, Sink::Stderr) {
                 log::warn!("{}: output failed ({e}); discarding the rest", self.name);
@@ -423,6 +454,16 @@ pub fn eprint_bytes(bytes: &[u8]) {
     }
 }
 
+/// Waits (at most `within`) until what was written to stderr so far is out: for a line that
+/// must be on the terminal before something else writes to it (the console banner, before the
+/// guest starts). Returns whether it is.
+pub fn flush_stderr(within: Duration) -> bool {
+    match stderr() {
+        Some(stderr) => stderr.lane.flush(within),
+        None => true,
+    }
+}
+
 /// Writes `bytes` to stderr only if nothing else is waiting to be written there.
 pub fn eprint_if_idle(bytes: &[u8]) {
     if let Some(stderr) = stderr() {
@@ -467,6 +508,37 @@ mod tests {
             },
             name: "vm1".into(),
         }
+    }
+
+    #[test]
+    fn flush_waits_for_what_was_queued_and_is_bounded() {
+        let (mut read, write) = pipe();
+        let (writer, lanes) =
+            Writer::start("test-writer", vec![spec(Sink::File(write), 1 << 20)]).unwrap();
+        let lane = &lanes[0];
+        lane.push(b"banner\n");
+        assert!(
+            lane.flush(Duration::from_secs(60)),
+            "a sink that reads gets it"
+        );
+        let mut got = [0u8; 7];
+        read.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"banner\n");
+        // A sink that stops reading: more than the pipe holds stays queued, and flush gives up.
+        let chunk = vec![b'y'; 64 << 10];
+        for _ in 0..4 {
+            lane.push(&chunk);
+        }
+        assert!(!lane.flush(Duration::from_millis(50)), "flush is bounded");
+        let reader = std::thread::spawn(move || {
+            let mut rest = Vec::new();
+            read.read_to_end(&mut rest).unwrap();
+            rest.len()
+        });
+        assert!(lane.flush(Duration::from_secs(60)), "out once read");
+        assert!(writer.finish(Duration::from_secs(60)));
+        drop(lanes);
+        assert_eq!(reader.join().unwrap(), 4 * (64 << 10));
     }
 
     #[test]

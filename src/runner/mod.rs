@@ -304,6 +304,9 @@ pub const STOP_SIGNALS: [libc::c_int; 6] = [
 /// abandoned (a sink that does not read cannot hold the exit).
 const OUTPUT_FLUSH: Duration = Duration::from_secs(1);
 
+/// How long the console banner may take to reach the terminal before the guest starts anyway.
+const BANNER_FLUSH: Duration = Duration::from_secs(1);
+
 /// Runs the fleet described by `cfg` to its end.
 pub fn run(cfg: &Config) -> Result<Report> {
     // From here on, stop signals are events of this run: blocked in this thread (and so in every
@@ -401,6 +404,9 @@ fn run_fleet(
         match RawMode::enter(libc::STDIN_FILENO) {
             Ok(guard) => {
                 output::eprintln("kvmerge: console attached; press Ctrl-A x to quit");
+                // On the terminal before the guest writes to it (a separate writer thread):
+                // bounded, since the terminal may be suspended (Ctrl-S).
+                output::flush_stderr(BANNER_FLUSH);
                 Some(guard)
             }
             Err(e) => {
