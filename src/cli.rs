@@ -57,6 +57,160 @@ pub enum Command {
     /// Show the host's kernel same-page merging (KSM) state: knobs, counters, savings, ksmd's CPU
     /// time, whether kvmerge may steer it here, and the settings a killed kvmerge left.
     Ksm(KsmArgs),
+    /// Run a long-lived fleet that takes VMs over an HTTP/JSON API on a Unix socket (drive it
+    /// with `kvmerge vm`, curl --unix-socket, or any HTTP client). See docs/api.md.
+    #[command(after_help = SERVE_EXAMPLES)]
+    Serve(ServeArgs),
+    /// Talk to a `kvmerge serve`: create, list, pause, resume, stop, remove and wait for VMs.
+    #[command(after_help = VM_EXAMPLES)]
+    Vm(VmArgs),
+}
+
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  # A server with at most 8 GiB of guest RAM; VMs come and go through the socket:
+  kvmerge serve --api-socket /run/kvmerge.sock --memory-limit 8G &
+  kvmerge vm --api-socket /run/kvmerge.sock create --kernel bzImage --initrd rootfs.cpio.gz
+  curl --unix-socket /run/kvmerge.sock http://localhost/v1/vms
+
+Exit status:
+  0    stopped by POST /v1/shutdown (kvmerge vm shutdown)
+  1    the server failed while running
+  2    bad usage, or the socket is in use by another server or cannot be created
+  130  interrupted: SIGINT (143 for SIGTERM, 128+N for signal N); every VM is stopped first
+  159  a kvmerge thread made a system call its seccomp filter forbids";
+
+const VM_EXAMPLES: &str = "\
+Examples:
+  kvmerge vm -s /run/kvmerge.sock create --kernel guest-images/out/payload.elf \\
+             --cmdline 'fill=64' --memory 128M --count 4 --name web --ready READY
+  kvmerge vm -s /run/kvmerge.sock list
+  kvmerge vm -s /run/kvmerge.sock wait web-0      # exit status: the guest's
+  kvmerge vm -s /run/kvmerge.sock --json info web-1
+  kvmerge vm -s /run/kvmerge.sock rm web-1
+  kvmerge vm -s /run/kvmerge.sock shutdown
+
+Exit status: 0 on success; 1 when the server answered with an error or cannot be reached;
+2 for bad usage. `wait` exits with the guest's debug-exit code, 0 for a clean end and 1 for any
+other failure.";
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The Unix socket to serve the API on (created owner-only; removed on exit).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// As for `kvmerge run`: how KSM is steered while the server owns the knobs.
+    #[arg(long, value_name = "POLICY", default_value = "adaptive", value_parser = parse_policy)]
+    pub ksm_policy: PolicyKind,
+    /// As for `kvmerge run`.
+    #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
+    pub seccomp: SeccompMode,
+    /// Most guest RAM of all VMs together (those not ended yet): a create call beyond it is
+    /// refused (409). Without it, only the host's memory (and --overcommit) bounds the fleet.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
+    /// As for `kvmerge run`, checked for each create call against the memory available then.
+    #[arg(long, value_name = "RATIO", default_value_t = config::DEFAULT_OVERCOMMIT,
+          value_parser = parse_ratio)]
+    pub overcommit: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// The socket of the `kvmerge serve` to talk to.
+    #[arg(
+        short = 's',
+        long,
+        value_name = "PATH",
+        env = "KVMERGE_API_SOCKET",
+        global = true
+    )]
+    pub api_socket: Option<PathBuf>,
+    /// Print the server's JSON answer instead of text for people.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: VmAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmAction {
+    /// Create and start VMs (the flags of `kvmerge run`); prints their ids.
+    Create(Box<CreateArgs>),
+    /// List the server's VMs with their state and dedup figures.
+    #[command(alias = "ls")]
+    List,
+    /// Everything about one VM: state, configuration, boot and exit, dedup figures.
+    Info { id: String },
+    /// Pause a VM (its vCPUs leave the guest until resumed).
+    Pause { id: String },
+    /// Resume a paused VM.
+    Resume { id: String },
+    /// Stop a VM (it ends with a clean status); it stays listed until removed.
+    Stop { id: String },
+    /// Stop a VM if needed, destroy it and forget it.
+    #[command(alias = "delete")]
+    Rm { id: String },
+    /// Wait until a VM ends (or, --ready, until its ready marker appears); exits with its status.
+    Wait {
+        id: String,
+        /// Wait for the VM's ready marker (create --ready) instead of its end.
+        #[arg(long)]
+        ready: bool,
+    },
+    /// The server's dedup figures (the JSON object of `kvmerge run --stats`).
+    Stats,
+    /// The server's Prometheus metrics.
+    Metrics,
+    /// Stop every VM, restore the host and end the server.
+    Shutdown,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Guest kernel: an x86_64 bzImage, an ELF vmlinux, or a kvmerge payload ELF.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk handed to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; `{index}` is replaced by the VM's index on the server.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Guest RAM per VM: 256M, 1G; a bare number is MiB.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// vCPUs per VM.
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(config::MAX_VCPUS)))]
+    pub vcpus: Option<u8>,
+    /// How many identical VMs (named NAME-0, NAME-1, ... with --name).
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(fleet::MAX_VMS)))]
+    pub count: Option<u32>,
+    #[arg(long, value_enum)]
+    /// Deduplication: full, zero, off (as for `kvmerge run`).
+    pub dedup: Option<DedupMode>,
+    /// Trust group: VMs with dedup full must all be in one (see docs/fleet.md).
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+    /// The VM's id (default: vmN).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Write the guest console to this file (`{id}` is replaced by the VM's id; needed with
+    /// --count). Default: discarded.
+    #[arg(long, value_name = "FILE")]
+    pub console: Option<PathBuf>,
+    /// The VM is "booting" until a console line matches this regular expression ("running"
+    /// after); `wait --ready` waits for it.
+    #[arg(long, value_name = "REGEX")]
+    pub ready: Option<String>,
+    /// Stop the VM after this long (its end: timed out, a failure).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+    /// Wait for the new VMs' ready marker (or their start) before printing their ids.
+    #[arg(long)]
+    pub wait_ready: bool,
 }
 
 #[derive(Debug, Args)]
@@ -167,6 +321,18 @@ fn parse_regex(s: &str) -> Result<Regex, String> {
     Regex::new(s).map_err(|e| format!("not a valid regular expression: {e}"))
 }
 
+impl ServeArgs {
+    pub fn into_config(self) -> crate::serve::ServeConfig {
+        crate::serve::ServeConfig {
+            socket: self.api_socket,
+            ksm_policy: self.ksm_policy,
+            seccomp: self.seccomp,
+            memory_limit: self.memory_limit,
+            overcommit: self.overcommit,
+        }
+    }
+}
+
 impl RunArgs {
     /// The run this command line describes. `terminal` says whether stdin and stdout are a TTY.
     pub fn into_config(self, terminal: bool) -> Result<Config, fleet::Error> {
@@ -237,7 +403,7 @@ mod tests {
     fn run_config(args: &[&str], terminal: bool) -> Config {
         match parse(args).unwrap().command {
             Command::Run(run) => run.into_config(terminal).unwrap(),
-            Command::Ksm(_) => panic!("not a run"),
+            _ => panic!("not a run"),
         }
     }
 

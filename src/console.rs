@@ -36,6 +36,8 @@ pub enum Output {
 pub struct Expect {
     pattern: Arc<Regex>,
     matched: Arc<AtomicBool>,
+    /// Signalled on the first match (`kvmerge serve`'s ready marker wakes its control loop).
+    notify: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
 }
 
 impl Expect {
@@ -43,6 +45,15 @@ impl Expect {
         Expect {
             pattern,
             matched: Arc::new(AtomicBool::new(false)),
+            notify: None,
+        }
+    }
+
+    /// A matcher that also signals `notify` when it first matches.
+    pub fn notifying(pattern: Arc<Regex>, notify: Arc<vmm_sys_util::eventfd::EventFd>) -> Expect {
+        Expect {
+            notify: Some(notify),
+            ..Expect::new(pattern)
         }
     }
 
@@ -57,6 +68,9 @@ impl Expect {
     fn check(&self, line: &[u8]) {
         if !self.matched() && self.pattern.is_match(&String::from_utf8_lossy(line)) {
             self.matched.store(true, Ordering::Release);
+            if let Some(notify) = &self.notify {
+                let _ = notify.write(1);
+            }
         }
     }
 }

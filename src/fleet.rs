@@ -216,6 +216,40 @@ pub fn parse(text: &str, base_dir: &Path, file_name: &str) -> Result<Vec<VmConfi
     Ok(vms)
 }
 
+/// One VM described in JSON (`kvmerge serve`'s create call): the keys and checks of a `[[vm]]`
+/// table of a fleet file, without `[defaults]`; paths must be absolute (the server's working
+/// directory is not the client's). Returns the table's `name` and `count` with the VM.
+pub fn vm_from_json(value: serde_json::Value) -> Result<(Option<String>, u32, VmConfig), String> {
+    let vm: VmTable = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    let kernel = vm
+        .kernel
+        .ok_or("no kernel: give \"kernel\": \"/absolute/path/to/kernel\"")?;
+    let absolute = |what: &str, p: String| {
+        if Path::new(&p).is_absolute() {
+            Ok(PathBuf::from(p))
+        } else {
+            Err(format!(
+                "{what} '{}' is not an absolute path (the server does not know the client's \
+                 working directory)",
+                p.escape_debug()
+            ))
+        }
+    };
+    let config = VmConfig {
+        kernel: absolute("kernel", kernel.0)?,
+        initrd: match vm.initrd.filter(|p| !p.is_empty()) {
+            Some(p) => Some(absolute("initrd", p)?),
+            None => None,
+        },
+        cmdline: vm.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+        memory: vm.memory.map_or(DEFAULT_MEMORY, |m| m.0),
+        vcpus: vm.vcpus.map_or(1, |v| v.0),
+        dedup: vm.dedup.map_or(DedupMode::Full, |d| d.0),
+        group: vm.group.map_or_else(|| DEFAULT_GROUP.to_string(), |g| g.0),
+    };
+    Ok((vm.name, vm.count.map_or(1, |c| c.0), config))
+}
+
 /// The 1-based line holding byte `offset` of `text`.
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());

@@ -23,6 +23,7 @@ pub mod pressure;
 pub mod runner;
 pub mod sched;
 pub mod seccomp;
+pub mod serve;
 pub mod sync;
 pub mod terminal;
 pub mod vcpu;

@@ -40,6 +40,24 @@ fn run_command() -> ExitCode {
     }
     match cli.command {
         Command::Ksm(args) => ksm_command(args.restore),
+        Command::Serve(args) => match kvmerge::serve::serve(&args.into_config()) {
+            Ok(ended) => ExitCode::from(ended.exit_code as u8),
+            Err(e) => {
+                say(&format!("kvmerge: {}", error_chain(&e)));
+                ExitCode::from(if e.is_bad_input() { EXIT_USAGE } else { 1 })
+            }
+        },
+        Command::Vm(args) => {
+            let outcome = kvmerge::serve::client::run(args);
+            if let Err(e) = write_stdout(outcome.stdout.as_bytes()) {
+                say(&format!("kvmerge: cannot write to stdout: {e}"));
+                return ExitCode::from(1);
+            }
+            if let Some(line) = &outcome.error {
+                say(&format!("kvmerge: {line}"));
+            }
+            ExitCode::from(outcome.exit_code)
+        }
         Command::Run(args) => {
             let config = match args.into_config(kvmerge::cli::on_terminal()) {
                 Ok(config) => config,

@@ -23,8 +23,8 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -51,9 +51,16 @@ pub struct Guarded {
     pub ram: Arc<GuestRam>,
 }
 
+/// A change to the guarded fleet (`kvmerge serve` adds and removes VMs as it runs).
+enum Change {
+    Add(Guarded),
+    Remove(Arc<VmControl>),
+}
+
 /// The guard thread; stopped and joined on drop.
 pub struct Guard {
     stop: Arc<AtomicBool>,
+    changes: Arc<Mutex<Vec<Change>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -62,6 +69,8 @@ impl Guard {
     pub fn start(vms: Vec<Guarded>) -> std::io::Result<Guard> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let inbox = changes.clone();
         let thread = std::thread::Builder::new()
             .name("kvmerge-pressure".into())
             .spawn(move || {
@@ -70,12 +79,23 @@ impl Guard {
                     return;
                 }
                 raise_priority();
-                Watch::new(vms).run(&flag)
+                Watch::new(vms).run(&flag, &inbox)
             })?;
         Ok(Guard {
             stop,
+            changes,
             thread: Some(thread),
         })
+    }
+
+    /// Guards a VM that started after the guard (taken in at the next poll).
+    pub fn add(&self, vm: Guarded) {
+        crate::sync::lock(&self.changes).push(Change::Add(vm));
+    }
+
+    /// Stops guarding a VM that is being destroyed, letting go of its RAM.
+    pub fn remove(&self, control: &Arc<VmControl>) {
+        crate::sync::lock(&self.changes).push(Change::Remove(control.clone()));
     }
 }
 
@@ -136,11 +156,15 @@ impl Watch {
         }
     }
 
-    fn run(mut self, stop: &AtomicBool) {
+    fn run(mut self, stop: &AtomicBool, changes: &Mutex<Vec<Change>>) {
         while !stop.load(Ordering::Relaxed) {
             std::thread::park_timeout(POLL);
             if stop.load(Ordering::Relaxed) {
                 break;
+            }
+            let changed = std::mem::take(&mut *crate::sync::lock(changes));
+            for change in changed {
+                self.apply(change);
             }
             let Some(reading) = self.tightest() else {
                 continue;
@@ -157,6 +181,25 @@ impl Watch {
             }
             self.shed(&reading);
             self.hits = self.cgroup.as_ref().map_or(0, MemoryCgroup::limit_hits);
+        }
+    }
+
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Add(vm) => {
+                self.vms.push(vm);
+                self.released.push(false);
+            }
+            Change::Remove(control) => {
+                if let Some(i) = self
+                    .vms
+                    .iter()
+                    .position(|vm| Arc::ptr_eq(&vm.control, &control))
+                {
+                    self.vms.remove(i);
+                    self.released.remove(i);
+                }
+            }
         }
     }
 

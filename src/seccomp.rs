@@ -7,6 +7,8 @@
 //! | [`ThreadKind::Io`] | I/O workers (console writers) | read, write and poll the descriptors they were handed |
 //! | [`ThreadKind::Monitor`] | the memory-pressure guard | read /proc, sysfs and cgroup files, poll PSI triggers, stop guests |
 //! | [`ThreadKind::Control`] | the thread that called [`crate::runner::run`] | the control loop, teardown, restoring host state; a superset of the others but vCPU |
+//! | [`ThreadKind::Api`] | `kvmerge serve`'s API threads (acceptor, one per connection) | accept and talk on the API socket, start connection threads; open no file |
+//! | [`ThreadKind::Builder`] | `kvmerge serve`'s VM builder | what the control kind may, plus building VMs: KVM ioctls, guest RAM mappings |
 //!
 //! Every thread installs its filter as its first statement; the control thread installs its own
 //! after the fleet is built and before any guest runs. A thread started after that inherits the
@@ -110,14 +112,22 @@ pub enum ThreadKind {
     /// A watcher of host state (the memory-pressure guard): reads /proc, sysfs and cgroup files,
     /// waits on PSI triggers, measures and stops guests.
     Monitor,
+    /// `kvmerge serve`'s API: accepts connections on its socket, reads requests and writes
+    /// answers, one thread per connection; hands every request to the control loop.
+    Api,
+    /// `kvmerge serve`'s builder: builds and starts the VMs the API asks for while guests run
+    /// (the control thread's filter forbids building: KVM's set-up ioctls, guest RAM mappings).
+    Builder,
 }
 
-const KINDS: [ThreadKind; 5] = [
+const KINDS: [ThreadKind; 7] = [
     ThreadKind::Control,
     ThreadKind::Vcpu,
     ThreadKind::Merge,
     ThreadKind::Io,
     ThreadKind::Monitor,
+    ThreadKind::Api,
+    ThreadKind::Builder,
 ];
 
 impl ThreadKind {
@@ -128,6 +138,8 @@ impl ThreadKind {
             ThreadKind::Merge => "merge",
             ThreadKind::Io => "io",
             ThreadKind::Monitor => "monitor",
+            ThreadKind::Api => "api",
+            ThreadKind::Builder => "builder",
         }
     }
 
@@ -139,6 +151,8 @@ impl ThreadKind {
             ThreadKind::Merge => 3,
             ThreadKind::Io => 4,
             ThreadKind::Monitor => 5,
+            ThreadKind::Api => 6,
+            ThreadKind::Builder => 7,
         }
     }
 
@@ -559,27 +573,14 @@ fn control_rules(pid: u32) -> Rules {
         libc::SYS_timerfd_gettime,
         libc::SYS_eventfd2,
         libc::SYS_pipe2,
-        // Threads started later (merge thread, teardown workers, I/O workers) register with glibc
-        // and install their own filter on top of this one.
-        libc::SYS_set_robust_list,
-        libc::SYS_rseq,
+        // Threads started later (merge thread, teardown workers, I/O workers) install their
+        // own filter on top of this one.
         libc::SYS_seccomp,
+        // `kvmerge serve` ends its API acceptor by shutting its listening socket down.
+        libc::SYS_shutdown,
     ]);
-    // Threads, never processes: clone must carry CLONE_THREAD (clone3, whose flags a filter
-    // cannot see, answers ENOSYS so glibc falls back to clone).
-    r.allow_if(
-        libc::SYS_clone,
-        vec![masked(
-            0,
-            libc::CLONE_THREAD as u64,
-            libc::CLONE_THREAD as u64,
-        )],
-    );
-    r.allow_arg(
-        libc::SYS_prctl,
-        0,
-        &[libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64],
-    );
+    thread_starts(&mut r);
+    r.allow_arg(libc::SYS_prctl, 0, &[libc::PR_SET_NO_NEW_PRIVS as u64]);
     // Duplicating a signalfd to read it; non-blocking and close-on-exec flags.
     r.allow_arg(
         libc::SYS_fcntl,
@@ -603,8 +604,62 @@ fn control_rules(pid: u32) -> Rules {
     r
 }
 
+/// Threads may start threads, never processes: clone must carry CLONE_THREAD (clone3, whose
+/// flags a filter cannot see, answers ENOSYS so glibc falls back to clone).
+fn thread_starts(r: &mut Rules) {
+    r.allow(&[libc::SYS_set_robust_list, libc::SYS_rseq]);
+    r.allow_if(
+        libc::SYS_clone,
+        vec![masked(
+            0,
+            libc::CLONE_THREAD as u64,
+            libc::CLONE_THREAD as u64,
+        )],
+    );
+    r.allow_arg(libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64]);
+}
+
+fn api_rules(pid: u32) -> Rules {
+    let mut r = io_rules(pid);
+    thread_starts(&mut r);
+    r.allow(&[
+        libc::SYS_accept,
+        libc::SYS_accept4,
+        libc::SYS_recvfrom,
+        libc::SYS_recvmsg,
+        libc::SYS_sendto,
+        libc::SYS_sendmsg,
+        libc::SYS_shutdown,
+        // Read timeouts on a connection.
+        libc::SYS_setsockopt,
+        libc::SYS_getsockopt,
+        // Whether a waiting client is still there.
+        libc::SYS_poll,
+        // The regex engine sizes its caches by the CPUs it may use (a create call's `ready`).
+        libc::SYS_sched_getaffinity,
+    ]);
+    r
+}
+
+fn builder_rules(pid: u32) -> Rules {
+    let mut r = control_rules(pid);
+    // Creating a VM and its vCPUs and setting up their state takes some forty KVM ioctls (and
+    // the set differs between KVM flavours and kernel versions); the builder runs no guest code
+    // and takes its input from the control loop, so ioctl is allowed whole here.
+    r.allow(&[libc::SYS_ioctl]);
+    // Guest RAM: anonymous mappings with their advice (mergeable, no huge pages, no dump).
+    r.allow(&[libc::SYS_madvise]);
+    // Guest RAM is labelled in /proc/self/maps (PR_SET_VMA_ANON_NAME).
+    r.allow_arg(libc::SYS_prctl, 0, &[libc::PR_SET_VMA as u64]);
+    // Admission reads the process's limits (open files, threads); it never sets one.
+    r.allow_if(libc::SYS_prlimit64, vec![eq(2, 0)]);
+    r
+}
+
 fn rules(kind: ThreadKind, pid: u32) -> Rules {
     match kind {
+        ThreadKind::Api => api_rules(pid),
+        ThreadKind::Builder => builder_rules(pid),
         ThreadKind::Control => control_rules(pid),
         ThreadKind::Vcpu => vcpu_rules(pid),
         ThreadKind::Merge => merge_rules(pid),
@@ -614,11 +669,14 @@ fn rules(kind: ThreadKind, pid: u32) -> Rules {
 }
 
 /// System calls answered with an error instead of the allowlist's verdict, per kind (`kill`).
-fn refused(kind: ThreadKind) -> Option<(u32, &'static [libc::c_long])> {
+fn refused(kind: ThreadKind) -> Vec<(u32, &'static [libc::c_long])> {
+    const NO_CLONE3: (u32, &[libc::c_long]) = (libc::ENOSYS as u32, &[libc::SYS_clone3]);
+    const NO_OPEN: (u32, &[libc::c_long]) = (libc::EPERM as u32, NO_FILES);
     match kind {
-        ThreadKind::Control => Some((libc::ENOSYS as u32, &[libc::SYS_clone3])),
-        ThreadKind::Vcpu | ThreadKind::Io => Some((libc::EPERM as u32, NO_FILES)),
-        ThreadKind::Merge | ThreadKind::Monitor => None,
+        ThreadKind::Control | ThreadKind::Builder => vec![NO_CLONE3],
+        ThreadKind::Api => vec![NO_CLONE3, NO_OPEN],
+        ThreadKind::Vcpu | ThreadKind::Io => vec![NO_OPEN],
+        ThreadKind::Merge | ThreadKind::Monitor => Vec::new(),
     }
 }
 
@@ -637,7 +695,7 @@ fn compile(kind: ThreadKind, mode: SeccompMode, pid: u32) -> Result<Vec<BpfProgr
     } else {
         SeccompAction::Log
     };
-    if let Some((errno, nrs)) = refused(kind) {
+    for (errno, nrs) in refused(kind) {
         // Under `kill`, refused by a filter of their own; the allowlist must not trap them.
         // Under `log`, allowed without a log line: they are expected calls, not violations.
         allowed.allow(nrs);
@@ -900,6 +958,36 @@ mod tests {
         });
         assert_eq!(opened, Some(libc::EPERM), "opening a file is refused");
         assert_eq!(evt.read().unwrap(), 7);
+    }
+
+    /// An API thread can do a connection's whole work under its filter: start the connection's
+    /// thread, read a request, poll its client, answer, and not open files.
+    #[test]
+    fn an_api_thread_serves_a_connection_and_opens_no_file() {
+        use std::io::{Read, Write};
+        let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        client
+            .write_all(b"GET /v1/vms HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let (path, opened) = under_filter(ThreadKind::Api, SeccompMode::Kill, move || {
+            std::thread::spawn(move || {
+                let mut server = server;
+                let req = crate::serve::http::read_request(&mut server).unwrap();
+                crate::serve::http::write_response(&mut server, 200, "application/json", b"[]")
+                    .unwrap();
+                let opened = std::fs::File::open("/proc/self/status")
+                    .err()
+                    .and_then(|e| e.raw_os_error());
+                (req.path, opened)
+            })
+            .join()
+            .unwrap()
+        });
+        assert_eq!(path, "/v1/vms");
+        assert_eq!(opened, Some(libc::EPERM));
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     }
 
     /// A panic (hook, backtrace, unwinding) stays inside every kind's allowlist: a panicking

@@ -148,6 +148,8 @@ pub enum VmEnd {
     Timeout,
     /// `--duration` ended the run as planned: a clean end.
     Planned,
+    /// Stopped through `kvmerge serve`'s API (a stop, a delete or a shutdown): a clean end.
+    Requested,
     /// kvmerge received SIGINT or SIGTERM.
     Signal(i32),
     /// The user quit the interactive console.
@@ -161,7 +163,7 @@ impl VmEnd {
     pub fn is_clean(&self) -> bool {
         matches!(
             self,
-            VmEnd::Exit(0) | VmEnd::Reset | VmEnd::Poweroff | VmEnd::Planned
+            VmEnd::Exit(0) | VmEnd::Reset | VmEnd::Poweroff | VmEnd::Planned | VmEnd::Requested
         )
     }
 }
@@ -183,6 +185,7 @@ impl fmt::Display for VmEnd {
             VmEnd::Vmm(why) => write!(f, "stopped by a VMM error: {why}"),
             VmEnd::Timeout => write!(f, "timed out"),
             VmEnd::Planned => write!(f, "ran for its --duration"),
+            VmEnd::Requested => write!(f, "stopped on request"),
             VmEnd::Signal(sig) => write!(f, "stopped by signal {sig}"),
             VmEnd::Quit => write!(f, "stopped from the console"),
             VmEnd::Shed => write!(f, "stopped to relieve host memory pressure"),

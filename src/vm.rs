@@ -139,8 +139,19 @@ impl Vm {
         sources: &BootSources,
         io: VmIo,
     ) -> Result<Vm> {
+        Vm::build_named(host, index, format!("vm{index}"), cfg, sources, io)
+    }
+
+    /// [`Vm::build`] with a name of the caller's (`kvmerge serve`'s VMs are named by their users).
+    pub fn build_named(
+        host: &Host,
+        index: usize,
+        name: String,
+        cfg: &VmConfig,
+        sources: &BootSources,
+        io: VmIo,
+    ) -> Result<Vm> {
         let created = Instant::now();
-        let name = format!("vm{index}");
         let ram = Arc::new(GuestRam::new(
             &name,
             &arch::ram_regions(cfg.memory),

@@ -96,6 +96,21 @@ impl AddAssign for Usage {
     }
 }
 
+impl Usage {
+    /// What is left of `self` without `part` (a VM leaving the fleet).
+    pub fn minus(&self, part: &Usage) -> Usage {
+        Usage {
+            resident: self.resident.saturating_sub(part.resident),
+            ksm: self.ksm.saturating_sub(part.ksm),
+            zero: self.zero.saturating_sub(part.zero),
+            unique: self.unique.saturating_sub(part.unique),
+            shared_with_other_vms: self
+                .shared_with_other_vms
+                .saturating_sub(part.shared_with_other_vms),
+        }
+    }
+}
+
 impl std::fmt::Display for Usage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

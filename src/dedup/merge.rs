@@ -128,6 +128,8 @@ pub struct Status {
     pub ksmd_cpu_pct: f64,
     pub ksmd_cpu_s: f64,
     pub merge_thread_cpu_pct: f64,
+    /// The merge thread's CPU time since it started.
+    pub merge_thread_cpu_s: f64,
     pub ksm_owned: bool,
     pub policy_phase: String,
     pub pages_to_scan: Option<u32>,
@@ -138,9 +140,18 @@ pub struct Status {
     pub vms: Vec<VmStatus>,
 }
 
+/// What the merge thread is told between ticks.
+enum Msg {
+    /// A VM that started after the merge thread (`kvmerge serve`).
+    Add(MergeVm),
+    /// A VM that has ended and is being destroyed: the thread lets go of its RAM.
+    Remove(Arc<VmControl>),
+    Stop,
+}
+
 pub struct MergeThread {
     thread: Option<JoinHandle<()>>,
-    stop: Sender<()>,
+    stop: Sender<Msg>,
     /// Set with the stop request: a tick under way skips the rest of its per-guest work.
     stopping: Arc<AtomicBool>,
     /// The thread's Linux id (0 until it has started), to raise its priority for the stop.
@@ -178,13 +189,22 @@ impl MergeThread {
                     return;
                 }
                 let mut worker = Worker::new(vms, ksm, opts, stop_seen);
-                loop {
+                'ticks: loop {
                     worker.tick();
                     crate::seccomp::injection_point();
                     *lock(&published) = worker.status.clone();
-                    match stop_rx.recv_timeout(worker.opts.tick) {
-                        Err(RecvTimeoutError::Timeout) => continue,
-                        Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                    let next = Instant::now() + worker.opts.tick;
+                    loop {
+                        let left = next.saturating_duration_since(Instant::now());
+                        match stop_rx.recv_timeout(left) {
+                            Ok(Msg::Add(vm)) => worker.add(vm),
+                            Ok(Msg::Remove(control)) => {
+                                worker.remove(&control);
+                                *lock(&published) = worker.status.clone();
+                            }
+                            Err(RecvTimeoutError::Timeout) => break,
+                            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break 'ticks,
+                        }
                     }
                 }
                 // A last look for the summary.
@@ -207,6 +227,18 @@ impl MergeThread {
         lock(&self.status).clone()
     }
 
+    /// Adds a VM that started after the thread: it joins accounting, KSM steering and zero-page
+    /// reclaim from the next tick on.
+    pub fn add(&self, vm: MergeVm) {
+        let _ = self.stop.send(Msg::Add(vm));
+    }
+
+    /// Lets go of a VM that has ended: its RAM is released by the merge thread's reference as
+    /// soon as the thread is between ticks, and it leaves the published figures.
+    pub fn remove(&self, control: &Arc<VmControl>) {
+        let _ = self.stop.send(Msg::Remove(control.clone()));
+    }
+
     /// Stops the thread and returns its final figures.
     pub fn stop(mut self) -> Status {
         self.shutdown();
@@ -223,7 +255,7 @@ impl MergeThread {
         } else {
             crate::vcpu::RtBoost::thread(self.tid.load(Ordering::Acquire))
         };
-        let _ = self.stop.send(());
+        let _ = self.stop.send(Msg::Stop);
         if crate::seccomp::parked(crate::seccomp::ThreadKind::Merge) {
             // Stopped by its seccomp filter for good: joining would wait forever.
             self.thread = None;
@@ -296,9 +328,63 @@ struct Worker {
     stopping: Arc<AtomicBool>,
     /// The tick after the stop, for the summary: done whole.
     last_look: bool,
+    /// The fleet changed since the last accounting: account at the next tick.
+    account_next_tick: bool,
+}
+
+impl VmState {
+    fn new(vm: MergeVm) -> VmState {
+        VmState {
+            vm,
+            scanner: ZeroScanner::new(zero::DEFAULT_BATCH_PAGES),
+            reclaimed: 0,
+            wait: 0,
+            backoff: 1,
+            found_this_pass: 0,
+            vcpu_cpu: None,
+            running: false,
+            vcpus: 0,
+            busy: None,
+            touched: Touched::new(),
+            unbacked: 0,
+        }
+    }
 }
 
 impl Worker {
+    fn add(&mut self, vm: MergeVm) {
+        self.vms.push(VmState::new(vm));
+        self.account_next_tick = true;
+    }
+
+    /// Forgets a VM, keeping the last snapshot's per-VM figures in step with the list.
+    fn remove(&mut self, control: &Arc<VmControl>) {
+        let Some(i) = self
+            .vms
+            .iter()
+            .position(|s| Arc::ptr_eq(&s.vm.control, control))
+        else {
+            return;
+        };
+        let gone = self.vms.remove(i);
+        // Its CPU time stays in the total the policy sees (which never goes backwards).
+        drop(gone);
+        self.account_next_tick = true;
+        if let Some(snap) = &mut self.last_snapshot {
+            if i < snap.per_vm.len() {
+                let usage = snap.per_vm.remove(i);
+                snap.total = snap.total.minus(&usage);
+                // Its unique pages had frames of their own; what it shared stays with the
+                // others. Exact again at the next accounting, which comes at the next tick.
+                snap.distinct_frames = snap.distinct_frames.map(|f| f.saturating_sub(usage.unique));
+            }
+            if i < snap.estimated.len() {
+                snap.estimated.remove(i);
+            }
+        }
+        self.publish_usage();
+    }
+
     fn new(
         vms: Vec<MergeVm>,
         ksm: Option<Arc<KsmHold>>,
@@ -310,23 +396,7 @@ impl Worker {
             ..Status::default()
         };
         Worker {
-            vms: vms
-                .into_iter()
-                .map(|vm| VmState {
-                    vm,
-                    scanner: ZeroScanner::new(zero::DEFAULT_BATCH_PAGES),
-                    reclaimed: 0,
-                    wait: 0,
-                    backoff: 1,
-                    found_this_pass: 0,
-                    vcpu_cpu: None,
-                    running: false,
-                    vcpus: 0,
-                    busy: None,
-                    touched: Touched::new(),
-                    unbacked: 0,
-                })
-                .collect(),
+            vms: vms.into_iter().map(VmState::new).collect(),
             ksm,
             sysfs: KsmSysfs::host(),
             policy: Policy::new(
@@ -356,6 +426,7 @@ impl Worker {
             inject_panic: std::env::var("KVMERGE_INJECT_PANIC").as_deref() == Ok("merge-thread"),
             stopping,
             last_look: false,
+            account_next_tick: false,
         }
     }
 
@@ -387,7 +458,11 @@ impl Worker {
         if self.interrupted() {
             return;
         }
-        if self.ticks % u64::from(self.opts.account_every.max(1)) == 1 || self.ticks == 1 {
+        if self.ticks % u64::from(self.opts.account_every.max(1)) == 1
+            || self.ticks == 1
+            || self.account_next_tick
+        {
+            self.account_next_tick = false;
             self.account();
         }
         if self.interrupted() {
@@ -403,6 +478,7 @@ impl Worker {
             * (cpu.saturating_sub(self.cpu_at_last_tick)).as_secs_f64()
             / self.opts.tick.as_secs_f64();
         self.cpu_at_last_tick = cpu;
+        self.status.merge_thread_cpu_s = cpu.as_secs_f64();
         self.status.t = self.started.elapsed().as_secs_f64();
     }
 

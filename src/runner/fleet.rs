@@ -175,7 +175,7 @@ pub(super) fn retire(vms: Vec<Vm>, expects: &[Option<Expect>]) -> Vec<VmReport> 
 
 /// Stops and destroys VMs, many at a time (see [`STOP_WORKERS`]), in the two passes of
 /// [`retire`].
-pub(super) fn teardown(vms: Vec<Vm>) {
+pub(crate) fn teardown(vms: Vec<Vm>) {
     let n = vms.len();
     let slots: Vec<Mutex<Option<Vm>>> = vms.into_iter().map(|vm| Mutex::new(Some(vm))).collect();
     spread_urgent(n, STOP_WORKERS, |i| {
@@ -199,7 +199,7 @@ fn teardown_dismantled(slots: Vec<Mutex<Option<Vm>>>) {
 /// few cores gives a thread of normal priority one time slice per round of all of them: with
 /// 1024 busy guests on 2 cores the kicks alone took 5 s at normal priority, 12 ms boosted.
 #[must_use = "the stop runs at real-time priority only while the boost is kept"]
-pub(super) fn stop_all(vms: &[Vm], why: VmEnd) -> Option<RtBoost> {
+pub(crate) fn stop_all(vms: &[Vm], why: VmEnd) -> Option<RtBoost> {
     let boost = RtBoost::this_thread();
     for vm in vms {
         vm.shared().end(why.clone());

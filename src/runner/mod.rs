@@ -33,11 +33,12 @@ use crate::sync::lock;
 
 mod control;
 mod fleet;
-mod signals;
+pub(crate) mod signals;
 mod stats;
 
 use control::{Control, control_loop};
-use fleet::{Built, build_fleet, resume_all, retire, stop_all, teardown};
+use fleet::{Built, build_fleet, resume_all, retire};
+pub(crate) use fleet::{stop_all, teardown};
 use signals::SignalFd;
 use stats::{StatsFile, write_stats};
 
@@ -271,7 +272,7 @@ fn console_for(cfg: &Config, index: usize) -> Result<Output> {
 
 /// Creates (or truncates) an output file without blocking: a FIFO nobody reads fails at once
 /// (ENXIO) instead of hanging in open(2). Writes then block as usual, in a writer thread.
-fn create_sink_file(path: &Path) -> std::io::Result<File> {
+pub(crate) fn create_sink_file(path: &Path) -> std::io::Result<File> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -577,7 +578,7 @@ fn run_fleet(
 }
 
 /// This process's part in steering the host's KSM (see [`ksm::join_for_run`]).
-fn take_ksm(cfg: &Config) -> Option<Arc<ksm::KsmHold>> {
+pub(crate) fn take_ksm(cfg: &Config) -> Option<Arc<ksm::KsmHold>> {
     let any_full = cfg.vms.iter().any(|vm| vm.dedup == DedupMode::Full);
     ksm::join_for_run(cfg.ksm_policy, any_full)
 }

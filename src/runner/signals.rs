@@ -6,15 +6,15 @@ use std::sync::atomic::{AtomicI32, Ordering};
 /// A signalfd for `signals`, which are blocked in the calling thread (and so in every thread it
 /// spawns afterwards). On drop, signals still pending are discarded and the previous mask comes
 /// back.
-pub(super) struct SignalFd {
-    pub(super) fd: OwnedFd,
-    pub(super) old_mask: libc::sigset_t,
+pub(crate) struct SignalFd {
+    pub(crate) fd: OwnedFd,
+    pub(crate) old_mask: libc::sigset_t,
     /// The first signal read through [`SignalFd::take`] (0: none yet).
-    pub(super) caught: AtomicI32,
+    pub(crate) caught: AtomicI32,
 }
 
 impl SignalFd {
-    pub(super) fn new(signals: &[libc::c_int]) -> std::io::Result<SignalFd> {
+    pub(crate) fn new(signals: &[libc::c_int]) -> std::io::Result<SignalFd> {
         // SAFETY: sigset_t is plain data initialised by sigemptyset below.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
@@ -48,7 +48,7 @@ impl SignalFd {
     }
 
     /// The next pending signal, if any (never blocks).
-    pub(super) fn read(&self) -> Option<i32> {
+    pub(crate) fn read(&self) -> Option<i32> {
         // SAFETY: signalfd_siginfo is plain data.
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
@@ -65,7 +65,7 @@ impl SignalFd {
 
     /// The first stop signal seen by any caller, reading a pending one if none was seen yet. For
     /// the phases before the control loop (build, start), polled between steps.
-    pub(super) fn take(&self) -> Option<i32> {
+    pub(crate) fn take(&self) -> Option<i32> {
         let seen = self.caught.load(Ordering::SeqCst);
         if seen != 0 {
             return Some(seen);
@@ -81,7 +81,7 @@ impl SignalFd {
     }
 
     /// The signal [`SignalFd::take`] saw, if any, after reading one more time.
-    pub(super) fn caught(&self) -> Option<i32> {
+    pub(crate) fn caught(&self) -> Option<i32> {
         self.take()
     }
 }
