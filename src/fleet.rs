@@ -220,7 +220,18 @@ pub fn parse(text: &str, base_dir: &Path, file_name: &str) -> Result<Vec<VmConfi
 /// table of a fleet file, without `[defaults]`; paths must be absolute (the server's working
 /// directory is not the client's). Returns the table's `name` and `count` with the VM.
 pub fn vm_from_json(value: serde_json::Value) -> Result<(Option<String>, u32, VmConfig), String> {
-    let vm: VmTable = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    let vm: VmTable = serde_json::from_value(value.clone()).map_err(|e| {
+        // serde_json does not say which key was wrong: find it, one key at a time.
+        let culprit = value.as_object().and_then(|map| {
+            map.iter().find_map(|(k, v)| {
+                let one = serde_json::Value::Object([(k.clone(), v.clone())].into_iter().collect());
+                serde_json::from_value::<VmTable>(one)
+                    .err()
+                    .map(|e| format!("{}: {e}", k.escape_debug()))
+            })
+        });
+        culprit.unwrap_or_else(|| e.to_string())
+    })?;
     let kernel = vm
         .kernel
         .ok_or("no kernel: give \"kernel\": \"/absolute/path/to/kernel\"")?;
