@@ -140,6 +140,7 @@ trait TryWaitRef {
 impl TryWaitRef for std::process::Child {
     /// Whether the child has exited, without reaping it (so Running's drop still can).
     fn try_wait_ref(&self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        // SAFETY: siginfo_t is plain data; waitid fills it.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: waitid with WNOWAIT on our own child; `info` is a valid siginfo_t.
         let rc = unsafe {
