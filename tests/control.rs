@@ -262,8 +262,9 @@ fn guests_ending_on_a_stuck_stdout_end_the_run() {
     drop(read);
 }
 
-/// SIGHUP (a closed terminal or ssh session), SIGQUIT, SIGUSR1 and SIGUSR2 stop every guest,
-/// restore the host's KSM knobs and exit with 128+N, as SIGINT and SIGTERM do.
+/// SIGHUP (a closed terminal or ssh session), SIGQUIT, SIGUSR1, SIGUSR2 and the other signals
+/// whose default action ends a process (SIGALRM, SIGXCPU, SIGPWR, ...) stop every guest, restore
+/// the host's KSM knobs and exit with 128+N, as SIGINT and SIGTERM do.
 #[test]
 fn every_catchable_stop_signal_ends_the_run_cleanly() {
     let _ksm = serial();
@@ -276,6 +277,9 @@ fn every_catchable_stop_signal_ends_the_run_cleanly() {
         ("SIGQUIT", libc::SIGQUIT),
         ("SIGUSR1", libc::SIGUSR1),
         ("SIGUSR2", libc::SIGUSR2),
+        ("SIGALRM", libc::SIGALRM),
+        ("SIGXCPU", libc::SIGXCPU),
+        ("SIGPWR", libc::SIGPWR),
     ] {
         let before = knobs();
         let dir = TempDir::new("signals");

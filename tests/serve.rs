@@ -182,13 +182,15 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// A payload VM that fills `mib` MiB, says so (its ready marker) and idles until stopped.
+/// A payload VM that fills `mib` MiB, says so (its ready marker) and idles until stopped. Every
+/// page of the fill differs from the others (KSM's max_page_sharing would otherwise fill its
+/// shared pages with one VM's copies first), and is the same in every such VM.
 fn idle_vm(name: &str, mib: u32) -> Value {
     json!({
         "name": name,
         "kernel": payload(),
         "memory": "32M",
-        "cmdline": format!("fill={mib} patterns=4 then=idle"),
+        "cmdline": format!("fill={mib} patterns={} then=idle", mib * 256),
         "ready": "^PAYLOAD-FILLED",
     })
 }
@@ -532,6 +534,8 @@ fn bad_requests_get_an_error_that_says_what_is_wrong_and_leave_nothing_behind() 
     let (_, list) = server.call("GET", "/v1/vms", None);
     assert_eq!(list, json!([]), "{list}");
     let ids = server.create(json!({"kernel": kernel, "memory": "96M", "cmdline": "then=idle"}));
+    // Failed creates gave their indexes back: default names do not skip numbers.
+    assert_eq!(ids, ["vm0"]);
     // Name taken, over the limit now, and trust groups across the server.
     let (status, v) = server.call(
         "POST",
@@ -610,6 +614,21 @@ fn a_second_server_on_the_same_socket_is_refused_and_a_killed_ones_socket_is_rep
     // The first one is untouched.
     let (status, _) = server.call("GET", "/v1/vms/a", None);
     assert_eq!(status, 200);
+
+    // A socket another program listens on is not replaced either.
+    let theirs = dir.path().join("theirs.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&theirs).unwrap();
+    let mut cmd = kvmerge();
+    cmd.arg("serve").arg("--api-socket").arg(&theirs);
+    let out = run_with_limit(cmd, LIMIT);
+    assert_eq!(out.code(), Some(2), "{}", out.dump());
+    assert!(
+        out.stderr.contains("another program is listening"),
+        "{}",
+        out.dump()
+    );
+    assert!(theirs.exists());
+    drop(listener);
 
     // Paths that are not sockets are not replaced.
     let file = dir.path().join("not-a-socket");
@@ -696,6 +715,103 @@ fn a_client_that_leaves_mid_wait_costs_the_server_nothing() {
     assert_eq!(
         (r.status, v["exit"]["reason"].as_str()),
         (200, Some("stopped on request"))
+    );
+    let (code, log) = server.shutdown();
+    assert_eq!(code, Some(0), "{log}");
+}
+
+#[test]
+fn a_client_that_half_closes_still_gets_its_answer_and_waits_are_bounded() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("serve-halfclose");
+    let socket = dir.path().join("api.sock");
+    let mut cmd = kvmerge();
+    cmd.arg("serve")
+        .arg("--api-socket")
+        .arg(&socket)
+        .args(["--ksm-policy", "kernel"])
+        .env("KVMERGE_API_MAX_WAITS", "3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = Running(cmd.spawn().unwrap());
+    wait_until("the server to answer", || {
+        http::call(&socket, "GET", "/v1/vms", None, Some(LIMIT)).is_ok()
+    });
+    let (status, _) = {
+        let r = http::call(
+            &socket,
+            "POST",
+            "/v1/vms",
+            Some(idle_vm("a", 2).to_string().as_bytes()),
+            Some(LIMIT),
+        )
+        .unwrap();
+        (r.status, ())
+    };
+    assert_eq!(status, 201);
+    // Three waits, each from a client that shut down its sending side after the request (as
+    // `nc -N` and socat do): they are clients still, and get their answers.
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+                s.write_all(b"GET /v1/vms/a/wait HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut answer = Vec::new();
+                s.read_to_end(&mut answer).unwrap();
+                http::parse_response(&answer).unwrap()
+            })
+        })
+        .collect();
+    // The fourth wait is over the limit (3 here): refused at once, while stop still gets through.
+    wait_until("three waits under way", || {
+        let r = http::call(&socket, "GET", "/metrics", None, Some(LIMIT)).unwrap();
+        String::from_utf8_lossy(&r.body).contains("\nkvmerge_api_waits 3\n")
+    });
+    let r = http::call(&socket, "GET", "/v1/vms/a/wait", None, Some(LIMIT)).unwrap();
+    assert_eq!(r.status, 503);
+    assert!(String::from_utf8_lossy(&r.body).contains("more than 3 waits at once"));
+    let r = http::call(&socket, "POST", "/v1/vms/a/stop", None, Some(LIMIT)).unwrap();
+    assert_eq!(r.status, 200);
+    for w in waiters {
+        let r = w.join().unwrap();
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            (r.status, v["exit"]["reason"].as_str()),
+            (200, Some("stopped on request"))
+        );
+    }
+    let r = http::call(&socket, "POST", "/v1/shutdown", None, Some(LIMIT)).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(wait_exit(&mut child, LIMIT), Some(0));
+}
+
+#[test]
+fn a_server_without_full_dedup_vms_leaves_the_host_ksm_alone() {
+    if !kvm_available() {
+        return;
+    }
+    let _ksm = ksm_common::serial();
+    let before = ksm_knobs();
+    let dir = TempDir::new("serve-noksm");
+    let server = Server::start(dir.path(), &[]);
+    for dedup in ["zero", "off"] {
+        server.create(json!({"kernel": payload(), "memory": "16M", "cmdline": "fill=2 then=idle", "dedup": dedup}));
+    }
+    // The merge thread has ticked with both VMs (reclaim and accounting run for them).
+    wait_until("the merge thread to account both VMs", || {
+        let (_, s) = server.call("GET", "/v1/stats", None);
+        s["vms_running"] == 2
+    });
+    assert_eq!(ksm_knobs(), before);
+    assert!(
+        !server.run_dir.join("ksm.json").exists(),
+        "no KSM journal: nothing was changed"
     );
     let (code, log) = server.shutdown();
     assert_eq!(code, Some(0), "{log}");

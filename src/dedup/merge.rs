@@ -146,6 +146,8 @@ enum Msg {
     Add(MergeVm),
     /// A VM that has ended and is being destroyed: the thread lets go of its RAM.
     Remove(Arc<VmControl>),
+    /// This process's part in steering the host's KSM, taken after the thread started.
+    Ksm(Arc<KsmHold>),
     Stop,
 }
 
@@ -198,6 +200,7 @@ impl MergeThread {
                         let left = next.saturating_duration_since(Instant::now());
                         match stop_rx.recv_timeout(left) {
                             Ok(Msg::Add(vm)) => worker.add(vm),
+                            Ok(Msg::Ksm(hold)) => worker.ksm = Some(hold),
                             Ok(Msg::Remove(control)) => {
                                 worker.remove(&control);
                                 *lock(&published) = worker.status.clone();
@@ -237,6 +240,12 @@ impl MergeThread {
     /// soon as the thread is between ticks, and it leaves the published figures.
     pub fn remove(&self, control: &Arc<VmControl>) {
         let _ = self.stop.send(Msg::Remove(control.clone()));
+    }
+
+    /// Gives the thread this process's part in steering the host's KSM (`kvmerge serve` takes it
+    /// when its first VM with dedup `full` starts, not before).
+    pub fn steer_ksm(&self, hold: Arc<KsmHold>) {
+        let _ = self.stop.send(Msg::Ksm(hold));
     }
 
     /// Stops the thread and returns its final figures.
@@ -330,6 +339,8 @@ struct Worker {
     last_look: bool,
     /// The fleet changed since the last accounting: account at the next tick.
     account_next_tick: bool,
+    /// Zero pages reclaimed from VMs no longer in the fleet.
+    reclaimed_by_removed: u64,
 }
 
 impl VmState {
@@ -367,7 +378,9 @@ impl Worker {
             return;
         };
         let gone = self.vms.remove(i);
-        // Its CPU time stays in the total the policy sees (which never goes backwards).
+        // Its CPU time stays in the total the policy sees, and its reclaimed pages in the
+        // cumulative count: neither goes backwards.
+        self.reclaimed_by_removed += gone.reclaimed;
         drop(gone);
         self.account_next_tick = true;
         if let Some(snap) = &mut self.last_snapshot {
@@ -427,6 +440,7 @@ impl Worker {
             stopping,
             last_look: false,
             account_next_tick: false,
+            reclaimed_by_removed: 0,
         }
     }
 
@@ -650,7 +664,9 @@ impl Worker {
         }
         let unbacked: u64 = self.vms.iter().map(|v| v.unbacked).sum();
         s.zero_unbacked_mib = accounting::mib(unbacked);
-        s.zero_reclaimed_mib = accounting::mib(self.vms.iter().map(|v| v.reclaimed).sum());
+        s.zero_reclaimed_mib = accounting::mib(
+            self.reclaimed_by_removed + self.vms.iter().map(|v| v.reclaimed).sum::<u64>(),
+        );
         let Some(snap) = &self.last_snapshot else {
             return;
         };

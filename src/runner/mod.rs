@@ -289,16 +289,25 @@ pub(crate) fn create_sink_file(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Every catchable signal that ends a run: each stops all guests, restores host state and makes
-/// kvmerge exit with 128+N. (SIGPIPE is ignored by Rust programs: a closed pipe is a write error,
-/// which ends only the output that hit it.)
-pub const STOP_SIGNALS: [libc::c_int; 6] = [
+/// Every catchable signal whose default action ends the process: each stops all guests, restores
+/// host state and makes kvmerge exit with 128+N. (SIGPIPE is ignored by Rust programs: a closed
+/// pipe is a write error, which ends only the output that hit it. SIGXFSZ, blocked, makes a write
+/// past the file size limit fail with EFBIG instead: the output that hit it ends.)
+pub const STOP_SIGNALS: [libc::c_int; 14] = [
     libc::SIGINT,
     libc::SIGTERM,
     libc::SIGHUP,
     libc::SIGQUIT,
     libc::SIGUSR1,
     libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGVTALRM,
+    libc::SIGPROF,
+    libc::SIGXCPU,
+    libc::SIGXFSZ,
+    libc::SIGIO,
+    libc::SIGPWR,
+    libc::SIGSTKFLT,
 ];
 
 /// How long queued console and `--stats` output may take to drain at the end before it is

@@ -26,16 +26,35 @@ use serde_json::{Map, Value};
 use super::http::{self, ReadError, Request};
 use super::{Body, Inbox, NewVm, Op, Reply, valid_name};
 
-/// Most connections served at once; beyond, a connection gets 503 at once. Each is a thread,
-/// most of them waiting for a VM to end.
-pub const MAX_CONNECTIONS: usize = 1024;
+/// Most `wait` calls answered at once; beyond, a wait gets 503. Each is a thread (and a socket)
+/// until its VM ends or its client leaves. (Test hook: `KVMERGE_API_MAX_WAITS=N` lowers it.)
+pub const MAX_WAITS: usize = 1024;
+
+fn max_waits() -> usize {
+    std::env::var("KVMERGE_API_MAX_WAITS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n <= MAX_WAITS)
+        .unwrap_or(MAX_WAITS)
+}
+/// Connections served at once beyond the waits: the other calls (stop, delete, shutdown) still
+/// get through when [`MAX_WAITS`] clients wait. Beyond, a connection gets 503 at once.
+pub const MAX_OTHER_CONNECTIONS: usize = 256;
 /// How often a connection whose answer is not ready looks whether its client is still there.
 const CLIENT_CHECK: Duration = Duration::from_millis(200);
 
 pub(super) struct ApiThreads {
     acceptor: Option<JoinHandle<()>>,
     listener: UnixListener,
-    active: Arc<AtomicUsize>,
+    active: Arc<Counts>,
+}
+
+/// Connections under way, and of them the waits (shown in `/metrics`).
+#[derive(Default)]
+pub(super) struct Counts {
+    pub active: AtomicUsize,
+    pub waits: AtomicUsize,
+    max_waits: usize,
 }
 
 pub(super) fn start(
@@ -43,12 +62,22 @@ pub(super) fn start(
     inbox: Inbox,
     stopping: Arc<AtomicBool>,
 ) -> std::io::Result<ApiThreads> {
-    let active = Arc::new(AtomicUsize::new(0));
-    let counted = active.clone();
+    let counts = Arc::new(Counts {
+        max_waits: max_waits(),
+        ..Counts::default()
+    });
+    let counted = counts.clone();
     let accepting = listener.try_clone()?;
     let acceptor = std::thread::Builder::new()
         .name("kvmerge-api".into())
         .spawn(move || {
+            // Answers must not wait for a round of hundreds of busy vCPU threads (see
+            // crate::sched); connection threads inherit the raise.
+            // Best effort, and for good: the filter below forbids setting it back.
+            std::mem::forget(crate::sched::Raised::this_thread(
+                crate::sched::RESPONSIVE,
+                "the API",
+            ));
             if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Api) {
                 log::error!("{e}; the API is not served");
                 return;
@@ -58,11 +87,15 @@ pub(super) fn start(
     Ok(ApiThreads {
         acceptor: Some(acceptor),
         listener,
-        active,
+        active: counts,
     })
 }
 
 impl ApiThreads {
+    pub(super) fn counts(&self) -> Arc<Counts> {
+        self.active.clone()
+    }
+
     /// Stops accepting and gives the connections under way until `within` to finish.
     pub(super) fn finish(mut self, within: Duration) {
         // SAFETY: shutdown on our own listening socket: accept(2) in the acceptor returns EINVAL.
@@ -73,7 +106,7 @@ impl ApiThreads {
             }
         }
         let deadline = Instant::now() + within;
-        while self.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        while self.active.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -83,8 +116,9 @@ fn accept_loop(
     listener: &UnixListener,
     inbox: &Inbox,
     stopping: &Arc<AtomicBool>,
-    active: &Arc<AtomicUsize>,
+    counts: &Arc<Counts>,
 ) {
+    let active = &counts.active;
     loop {
         let mut stream = match listener.accept() {
             Ok((stream, _)) => stream,
@@ -103,22 +137,25 @@ fn accept_loop(
             refuse(&mut stream, 503, "the server is shutting down");
             continue;
         }
-        if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+        if active.fetch_add(1, Ordering::AcqRel) >= MAX_WAITS + MAX_OTHER_CONNECTIONS {
             active.fetch_sub(1, Ordering::AcqRel);
             refuse(
                 &mut stream,
                 503,
-                &format!("more than {MAX_CONNECTIONS} connections at once; retry later"),
+                &format!(
+                    "more than {} connections at once; retry later",
+                    MAX_WAITS + MAX_OTHER_CONNECTIONS
+                ),
             );
             continue;
         }
         let inbox = inbox.clone();
-        let done = active.clone();
+        let counts = counts.clone();
         let spawned = std::thread::Builder::new()
             .name("kvmerge-api-conn".into())
             .spawn(move || {
-                serve_connection(stream, &inbox);
-                done.fetch_sub(1, Ordering::AcqRel);
+                serve_connection(stream, &inbox, &counts);
+                counts.active.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
             active.fetch_sub(1, Ordering::AcqRel);
@@ -134,9 +171,23 @@ fn refuse(stream: &mut UnixStream, status: u16, message: &str) {
     let _ = http::write_response(stream, status, "application/json", body.as_bytes());
 }
 
-fn serve_connection(mut stream: UnixStream, inbox: &Inbox) {
+fn serve_connection(mut stream: UnixStream, inbox: &Inbox, counts: &Counts) {
+    let waits = &counts.waits;
     let reply = match http::read_request(&mut stream) {
         Ok(req) => match route(&req) {
+            Ok(op @ Op::Wait { .. }) => {
+                let room = waits.fetch_add(1, Ordering::AcqRel) < counts.max_waits;
+                let reply = if room {
+                    wait_for_answer(&stream, inbox, op)
+                } else {
+                    Some(Reply::error(
+                        503,
+                        format!("more than {} waits at once; retry later", counts.max_waits),
+                    ))
+                };
+                waits.fetch_sub(1, Ordering::AcqRel);
+                reply
+            }
             Ok(op) => wait_for_answer(&stream, inbox, op),
             Err(reply) => Some(reply),
         },
@@ -158,7 +209,7 @@ fn serve_connection(mut stream: UnixStream, inbox: &Inbox) {
 /// Posts `op` and waits for its answer; None when the client went away meanwhile (its answer,
 /// when it comes, is dropped).
 fn wait_for_answer(stream: &UnixStream, inbox: &Inbox, op: Op) -> Option<Reply> {
-    let answer = inbox.post(op);
+    let (answer, gone) = inbox.post(op);
     loop {
         match answer.recv_timeout(CLIENT_CHECK) {
             Ok(reply) => return Some(reply),
@@ -168,6 +219,7 @@ fn wait_for_answer(stream: &UnixStream, inbox: &Inbox, op: Op) -> Option<Reply> 
             Err(RecvTimeoutError::Timeout) => {
                 if client_gone(stream) {
                     log::debug!("API: a client left before its answer");
+                    gone.store(true, Ordering::Relaxed);
                     return None;
                 }
             }
@@ -175,16 +227,18 @@ fn wait_for_answer(stream: &UnixStream, inbox: &Inbox, op: Op) -> Option<Reply> 
     }
 }
 
-/// Whether the peer has closed its end (it sent its whole request, so it sends nothing more).
+/// Whether the peer has closed its socket. A client that only shut down its sending side
+/// (`nc -N`, socat) still reads the answer: for a Unix stream socket that is POLLRDHUP alone,
+/// while a closed peer gives POLLHUP.
 fn client_gone(stream: &UnixStream) -> bool {
     let mut fd = libc::pollfd {
         fd: stream.as_raw_fd(),
-        events: libc::POLLRDHUP,
+        events: 0,
         revents: 0,
     };
     // SAFETY: one pollfd of our own; no wait.
     let n = unsafe { libc::poll(&mut fd, 1, 0) };
-    n > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    n > 0 && fd.revents & (libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// Maps a request to its op, or answers it here (unknown path, wrong method, bad body).

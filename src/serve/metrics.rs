@@ -14,6 +14,9 @@ pub(super) struct Input<'a> {
     pub states: &'a BTreeMap<&'static str, u64>,
     pub created_total: u64,
     pub uptime: Duration,
+    /// API connections under way (this one included), and of them `wait` calls.
+    pub connections: usize,
+    pub waits: usize,
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -67,6 +70,18 @@ pub(super) fn render(input: &Input) -> String {
         "counter",
         "VMs started since the server started.",
         input.created_total as f64,
+    );
+    out.one(
+        "kvmerge_api_connections",
+        "gauge",
+        "API connections under way, this one included.",
+        input.connections as f64,
+    );
+    out.one(
+        "kvmerge_api_waits",
+        "gauge",
+        "API wait calls under way.",
+        input.waits as f64,
     );
     out.one(
         "kvmerge_uptime_seconds",
@@ -224,6 +239,8 @@ mod tests {
             states: &states,
             created_total: 3,
             uptime: Duration::from_secs(1),
+            connections: 1,
+            waits: 0,
         });
         assert!(text.contains("kvmerge_vms{state=\"running\"} 1\n"));
         assert!(text.contains("kvmerge_vm_resident_bytes{vm=\"web-1\",dedup=\"full\"} 2097152\n"));

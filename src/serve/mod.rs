@@ -136,6 +136,20 @@ impl Reply {
 pub(crate) struct Call {
     pub op: Op,
     pub reply: Sender<Reply>,
+    /// Set by the API thread when the client left before the answer.
+    pub gone: Arc<AtomicBool>,
+}
+
+/// Someone waiting for a VM's end or ready marker.
+struct Waiter {
+    reply: Sender<Reply>,
+    gone: Arc<AtomicBool>,
+}
+
+impl Waiter {
+    fn answer(self, reply: Reply) {
+        let _ = self.reply.send(reply);
+    }
 }
 
 /// Where API threads post their calls.
@@ -147,12 +161,19 @@ pub(crate) struct Inbox {
 
 impl Inbox {
     /// Posts `op`; the answer comes on the returned channel (closed if the server stops first).
-    pub(crate) fn post(&self, op: Op) -> Receiver<Reply> {
+    /// Set the flag when the answer is no longer wanted (the client left).
+    pub(crate) fn post(&self, op: Op) -> (Receiver<Reply>, Arc<AtomicBool>) {
         let (reply, answer) = mpsc::channel();
-        if self.calls.send(Call { op, reply }).is_ok() {
+        let gone = Arc::new(AtomicBool::new(false));
+        let call = Call {
+            op,
+            reply,
+            gone: gone.clone(),
+        };
+        if self.calls.send(call).is_ok() {
             let _ = self.wake.write(1);
         }
-        answer
+        (answer, gone)
     }
 }
 
@@ -208,18 +229,10 @@ pub fn serve(cfg: &ServeConfig) -> Result<Ended, Error> {
     let _responsive = sched::Raised::this_thread(sched::RESPONSIVE, "the control thread");
     seccomp::install(ThreadKind::Control)?;
 
-    // The host's KSM knobs are steered from the start: VMs with dedup `full` may come at any time.
-    let ksm_cfg = Config {
-        ksm_policy: cfg.ksm_policy,
-        ..Config::new(Vec::new())
-    };
-    let ksm_owner = runner::take_ksm(&Config {
-        vms: vec![placeholder_full_vm()],
-        ..ksm_cfg
-    });
+    // The host's KSM knobs are taken when the first VM with dedup `full` starts (Server::on_built).
     let merge = MergeThread::start(
         Vec::new(),
-        ksm_owner.clone(),
+        None,
         merge::Options {
             policy: cfg.ksm_policy,
             nice: base_nice,
@@ -257,6 +270,8 @@ pub fn serve(cfg: &ServeConfig) -> Result<Ended, Error> {
         exit_code: None,
         started: Instant::now(),
         created_total: 0,
+        ksm: None,
+        api: api.counts(),
     }));
     let looped = run_loop(&server);
     let mut s = lock(&server);
@@ -271,6 +286,7 @@ pub fn serve(cfg: &ServeConfig) -> Result<Ended, Error> {
     s.jobs = None;
     drop(s.merge.take().map(MergeThread::stop));
     drop(s.pressure.take());
+    let ksm_owner = s.ksm.take();
     if seccomp::parked(ThreadKind::Merge) {
         if let Some(Err(e)) = ksm_owner
             .as_ref()
@@ -282,7 +298,7 @@ pub fn serve(cfg: &ServeConfig) -> Result<Ended, Error> {
     }
     drop(ksm_owner);
     let exit_code = s.exit_code.unwrap_or(1);
-    for (_, (_, reply)) in s.pending.drain() {
+    for (_, (_, reply, _)) in s.pending.drain() {
         let _ = reply.send(Reply::error(
             500,
             "the server stopped before the VMs were built",
@@ -299,19 +315,6 @@ pub fn serve(cfg: &ServeConfig) -> Result<Ended, Error> {
         log::error!("the builder thread panicked");
     }
     looped.map(|()| Ended { exit_code })
-}
-
-/// A VM description that only says "dedup full may come" to [`runner::take_ksm`].
-fn placeholder_full_vm() -> VmConfig {
-    VmConfig {
-        kernel: PathBuf::new(),
-        initrd: None,
-        cmdline: String::new(),
-        memory: crate::config::MIN_MEMORY,
-        vcpus: 1,
-        dedup: DedupMode::Full,
-        group: crate::config::DEFAULT_GROUP.into(),
-    }
 }
 
 fn output_ready(socket: &std::path::Path) {
@@ -356,8 +359,8 @@ struct Entry {
     end: Option<(VmEnd, Instant)>,
     /// The merge thread's figures when the VM ended.
     last_figures: Option<VmStatus>,
-    wait_end: Vec<Sender<Reply>>,
-    wait_ready: Vec<Sender<Reply>>,
+    wait_end: Vec<Waiter>,
+    wait_ready: Vec<Waiter>,
     /// Delete calls waiting for the VM to be gone.
     deletes: Vec<Sender<Reply>>,
     /// The builder job that builds it, while it does.
@@ -401,8 +404,8 @@ struct Server {
     timer: TimerFd,
     seccomp_events: Option<std::os::fd::RawFd>,
     entries: BTreeMap<String, Entry>,
-    /// Create calls whose job the builder has: job id → (names, reply).
-    pending: HashMap<u64, (Vec<String>, Sender<Reply>)>,
+    /// Create calls whose job the builder has: job id → (names, reply, first index).
+    pending: HashMap<u64, (Vec<String>, Sender<Reply>, usize)>,
     next_job: u64,
     next_index: usize,
     merge: Option<MergeThread>,
@@ -412,6 +415,9 @@ struct Server {
     exit_code: Option<i32>,
     started: Instant,
     created_total: u64,
+    /// This process's part in steering the host's KSM, once a VM with dedup `full` has started.
+    ksm: Option<Arc<crate::dedup::ksm::KsmHold>>,
+    api: Arc<api::Counts>,
 }
 
 impl Server {
@@ -444,24 +450,36 @@ impl Server {
     }
 
     fn on_call(&mut self, call: Call) {
+        let waiter = Waiter {
+            reply: call.reply.clone(),
+            gone: call.gone,
+        };
         let reply = call.reply;
         let answer = match call.op {
             Op::Create(new) => {
                 return self.create(new, reply);
             }
-            Op::List => Reply::json(
-                200,
-                Value::Array(self.entries.iter().map(|(n, e)| self.info(n, e)).collect()),
-            ),
+            Op::List => {
+                let figures = self.figures();
+                Reply::json(
+                    200,
+                    Value::Array(
+                        self.entries
+                            .iter()
+                            .map(|(n, e)| self.info_with(n, e, figures.as_ref()))
+                            .collect(),
+                    ),
+                )
+            }
             Op::Info(id) => match self.entries.get(&id) {
                 Some(e) => Reply::json(200, self.info(&id, e)),
                 None => unknown(&id),
             },
             Op::Pause(id) => self.pause_resume(&id, true),
             Op::Resume(id) => self.pause_resume(&id, false),
-            Op::Stop(id) => return self.stop(&id, reply, false),
-            Op::Delete(id) => return self.stop(&id, reply, true),
-            Op::Wait { id, ready } => return self.wait(&id, ready, reply),
+            Op::Stop(id) => return self.stop(&id, waiter, false),
+            Op::Delete(id) => return self.stop(&id, waiter, true),
+            Op::Wait { id, ready } => return self.wait(&id, ready, waiter),
             Op::Stats => Reply::json(200, self.stats_json()),
             Op::Metrics => Reply {
                 status: 200,
@@ -492,6 +510,7 @@ impl Server {
         let count = new.len();
         let job_id = self.next_job;
         self.next_job += 1;
+        let first_index = self.next_index;
         let mut specs = Vec::with_capacity(count);
         let mut names = Vec::with_capacity(count);
         for (k, vm) in new.into_iter().enumerate() {
@@ -553,7 +572,7 @@ impl Server {
             let _ = reply.send(Reply::error(500, "the builder thread is gone"));
             return;
         }
-        self.pending.insert(job_id, (names, reply));
+        self.pending.insert(job_id, (names, reply, first_index));
     }
 
     /// `vm{index}`, or the first `vm{index}-K` no VM has.
@@ -640,13 +659,18 @@ impl Server {
     /// A builder job is done: the VMs join the server, or the create call fails with nothing
     /// left behind.
     fn on_built(&mut self, done: build::Done) {
-        let Some((names, reply)) = self.pending.remove(&done.id) else {
+        let Some((names, reply, first_index)) = self.pending.remove(&done.id) else {
             return;
         };
         match done.result {
             Err(failure) => {
                 for name in &names {
                     self.entries.remove(name);
+                }
+                // The indexes go back when no later create took any: default names and
+                // `{index}` do not skip numbers for a failed create.
+                if self.next_index == first_index + names.len() {
+                    self.next_index = first_index;
                 }
                 let _ = reply.send(Reply::error(failure.status, failure.message));
             }
@@ -682,6 +706,7 @@ impl Server {
                     self.created_total += 1;
                     log::info!("{name}: started");
                 }
+                self.take_ksm_for(&names);
                 if self.stopping.load(Ordering::Relaxed) {
                     // A shutdown came while they were being built.
                     for name in &names {
@@ -699,6 +724,32 @@ impl Server {
                 self.check_ready();
                 self.reap();
             }
+        }
+    }
+
+    /// Takes this process's part in steering the host's KSM once a VM with dedup `full` runs
+    /// (a server of `zero` and `off` VMs, or an idle one, leaves the host's settings alone).
+    fn take_ksm_for(&mut self, names: &[String]) {
+        if self.ksm.is_some() {
+            return;
+        }
+        let Some(full) = names
+            .iter()
+            .filter_map(|n| self.entries.get(n))
+            .find(|e| e.cfg.dedup == DedupMode::Full)
+        else {
+            return;
+        };
+        let full = Config {
+            vms: vec![full.cfg.clone()],
+            ksm_policy: self.cfg.ksm_policy,
+            ..Config::new(Vec::new())
+        };
+        if let Some(hold) = runner::take_ksm(&full) {
+            if let Some(merge) = &self.merge {
+                merge.steer_ksm(hold.clone());
+            }
+            self.ksm = Some(hold);
         }
     }
 
@@ -722,13 +773,13 @@ impl Server {
         }
     }
 
-    fn stop(&mut self, id: &str, reply: Sender<Reply>, delete: bool) {
+    fn stop(&mut self, id: &str, reply: Waiter, delete: bool) {
         let Some(entry) = self.entries.get_mut(id) else {
-            let _ = reply.send(unknown(id));
+            reply.answer(unknown(id));
             return;
         };
         if entry.job.is_some() {
-            let _ = reply.send(Reply::error(
+            reply.answer(Reply::error(
                 409,
                 format!("{id} is still being built: stop it once its create call has answered"),
             ));
@@ -739,18 +790,21 @@ impl Server {
             vm.request_stop();
         }
         if delete {
-            entry.deletes.push(reply);
+            entry.deletes.push(reply.reply);
         } else {
             entry.wait_end.push(reply);
         }
         self.reap();
     }
 
-    fn wait(&mut self, id: &str, ready: bool, reply: Sender<Reply>) {
+    fn wait(&mut self, id: &str, ready: bool, reply: Waiter) {
         let Some(entry) = self.entries.get_mut(id) else {
-            let _ = reply.send(unknown(id));
+            reply.answer(unknown(id));
             return;
         };
+        // Waits whose clients left are dropped here, so a long-lived VM does not collect them.
+        entry.wait_end.retain(|w| !w.gone.load(Ordering::Relaxed));
+        entry.wait_ready.retain(|w| !w.gone.load(Ordering::Relaxed));
         if ready {
             entry.wait_ready.push(reply);
             self.check_ready();
@@ -781,7 +835,7 @@ impl Server {
                 .get_mut(&name)
                 .map_or_else(Vec::new, |e| std::mem::take(&mut e.wait_ready))
             {
-                let _ = w.send(Reply::json(200, info.clone()));
+                w.answer(Reply::json(200, info.clone()));
             }
         }
     }
@@ -834,7 +888,7 @@ impl Server {
             let info = self.info(&name, &self.entries[&name]);
             let entry = self.entries.get_mut(&name).expect("listed above");
             for w in entry.wait_end.drain(..).chain(entry.wait_ready.drain(..)) {
-                let _ = w.send(Reply::json(200, info.clone()));
+                w.answer(Reply::json(200, info.clone()));
             }
             let deletes = std::mem::take(&mut entry.deletes);
             if !deletes.is_empty() {
@@ -883,9 +937,18 @@ impl Server {
         }
     }
 
+    /// The merge thread's latest figures.
+    fn figures(&self) -> Option<merge::Status> {
+        self.merge.as_ref().map(MergeThread::status)
+    }
+
     fn info(&self, name: &str, e: &Entry) -> Value {
-        let figures = match (&e.vm, &self.merge) {
-            (Some(_), Some(merge)) => merge.status().vms.into_iter().find(|v| v.name == name),
+        self.info_with(name, e, self.figures().as_ref())
+    }
+
+    fn info_with(&self, name: &str, e: &Entry, status: Option<&merge::Status>) -> Value {
+        let figures = match (&e.vm, status) {
+            (Some(_), Some(status)) => status.vms.iter().find(|v| v.name == name).cloned(),
             _ => e.last_figures.clone(),
         };
         let since = |at: Option<Instant>| {
@@ -948,6 +1011,8 @@ impl Server {
             states: &states,
             created_total: self.created_total,
             uptime: self.started.elapsed(),
+            connections: self.api.active.load(Ordering::Relaxed),
+            waits: self.api.waits.load(Ordering::Relaxed),
         })
     }
 }
