@@ -14,6 +14,33 @@ use std::io;
 /// Nice value of the control thread and the pressure guard.
 pub const RESPONSIVE: libc::c_int = -10;
 
+/// The nice value the process's threads start from (`i32::MIN`: not recorded).
+static BASE_NICE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(i32::MIN);
+
+/// Records the calling thread's nice value as the process's base, before any thread is raised
+/// (`kvmerge serve`, whose raised builder thread starts vCPU threads).
+pub fn record_base_nice() {
+    if let Ok(nice) = this_thread_nice() {
+        BASE_NICE.store(nice, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Puts thread `tid` of this process back to the base nice value (a vCPU thread started by
+/// `kvmerge serve`'s raised builder, once its start is over). Lowering is always permitted.
+pub fn lower_to_base(tid: libc::pid_t) {
+    let base = BASE_NICE.load(std::sync::atomic::Ordering::Relaxed);
+    if base == i32::MIN || tid <= 0 {
+        return;
+    }
+    // SAFETY: changes the nice value of one of this process's threads.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, base) } != 0 {
+        log::debug!(
+            "cannot put thread {tid} back to nice {base}: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
 /// Sets the nice value of the calling thread. Lowering the priority is always allowed; raising it
 /// needs CAP_SYS_NICE (or RLIMIT_NICE).
 pub fn set_this_thread_nice(nice: libc::c_int) -> io::Result<()> {

@@ -126,10 +126,19 @@ impl Server {
         (code, self.log())
     }
 
-    fn threads(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
-            .map(|d| d.count())
-            .unwrap_or(0)
+    /// A gauge of `/metrics` without labels.
+    fn gauge(&self, name: &str) -> f64 {
+        let r = http::call(&self.socket, "GET", "/metrics", None, Some(LIMIT)).unwrap();
+        let text = String::from_utf8(r.body).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
+
+    /// `wait` calls under way.
+    fn waits(&self) -> f64 {
+        self.gauge("kvmerge_api_waits")
     }
 }
 
@@ -674,7 +683,6 @@ fn a_client_that_leaves_mid_wait_costs_the_server_nothing() {
     let dir = TempDir::new("serve-leave");
     let server = Server::start(dir.path(), &["--ksm-policy", "kernel"]);
     server.create(idle_vm("a", 2));
-    let baseline = server.threads();
     let mut waiters = Vec::new();
     for _ in 0..8 {
         let mut cmd = kvmerge();
@@ -687,16 +695,17 @@ fn a_client_that_leaves_mid_wait_costs_the_server_nothing() {
         waiters.push(Running(cmd.spawn().unwrap()));
     }
     wait_until("a connection thread per waiting client", || {
-        server.threads() >= baseline + 8
+        server.waits() == 8.0
     });
     for mut w in waiters {
         w.0.kill().unwrap();
         w.0.wait().unwrap();
     }
-    // Their connection threads notice and end, though the VM still runs.
+    // Their connection threads notice and end, though the VM still runs; only the scrape's own
+    // connection is left.
     wait_until(
         "the connection threads of the killed clients to end",
-        || server.threads() <= baseline,
+        || server.waits() == 0.0 && server.gauge("kvmerge_api_connections") == 1.0,
     );
     let (_, v) = server.call("GET", "/v1/vms/a", None);
     assert_eq!(v["state"], "running", "{v}");
@@ -705,9 +714,7 @@ fn a_client_that_leaves_mid_wait_costs_the_server_nothing() {
     let waiter = std::thread::spawn(move || {
         http::call(&socket, "GET", "/v1/vms/a/wait", None, None).unwrap()
     });
-    wait_until("the remaining waiter to connect", || {
-        server.threads() > baseline
-    });
+    wait_until("the remaining waiter to connect", || server.waits() == 1.0);
     let (status, _) = server.call("POST", "/v1/vms/a/stop", None);
     assert_eq!(status, 200);
     let r = waiter.join().unwrap();
@@ -878,11 +885,10 @@ fn a_signal_stops_every_vm_and_restores_the_host() {
         let dir = TempDir::new("serve-signal");
         let mut server = Server::start(dir.path(), &[]);
         server.create(idle_vm("a", 4));
-        let baseline = server.threads();
         let socket = server.socket.clone();
         let waiter =
             std::thread::spawn(move || http::call(&socket, "GET", "/v1/vms/a/wait", None, None));
-        wait_until("the waiter to connect", || server.threads() > baseline);
+        wait_until("the waiter to connect", || server.waits() == 1.0);
         // SAFETY: signalling our own child.
         unsafe { libc::kill(server.pid() as i32, sig) };
         let got = wait_exit(&mut server.child, LIMIT);

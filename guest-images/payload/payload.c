@@ -397,6 +397,8 @@ struct config {
 	uint64_t patterns;
 	uint64_t zeros_mib;
 	uint64_t seed;
+	uint64_t unique_pct;
+	bool unique;
 	enum then_action then;
 	uint32_t exit_code;
 	uint64_t churn_rounds;
@@ -498,6 +500,10 @@ static struct config parse_config(struct str cmdline)
 		} else if (str_eq(prm.key, "zeros")) {
 			if (!prm.has_val || !parse_u64(prm.val, &cfg.zeros_mib))
 				fail("bad zeros");
+		} else if (str_eq(prm.key, "unique")) {
+			if (!prm.has_val || !parse_u64(prm.val, &cfg.unique_pct) || cfg.unique_pct > 100)
+				fail("bad unique");
+			cfg.unique = true;
 		} else if (str_eq(prm.key, "seed")) {
 			if (!prm.has_val || !parse_u64(prm.val, &cfg.seed))
 				fail("bad seed");
@@ -748,6 +754,26 @@ static void fill_pages(uint64_t *base, uint64_t pages, uint64_t k)
 		if (++p == k)
 			p = 0;
 	}
+}
+
+#define UNIQUE_TAG 0x554e000000000000ULL /* "UN" */
+
+/*
+ * unique=PCT: makes PCT% of the fill's pages, spread evenly over it, differ from
+ * every other VM's (word 0 of the page gets a value from seed and the page
+ * number). Returns how many pages it wrote.
+ */
+static uint64_t make_unique(uint64_t *base, uint64_t pages, uint64_t pct, uint64_t seed)
+{
+	uint64_t written = 0;
+
+	for (uint64_t i = 0; i < pages; i++) {
+		if ((i + 1) * pct / 100 == i * pct / 100)
+			continue;
+		base[i * WORDS_PER_PAGE] = splitmix64(splitmix64(seed ^ UNIQUE_TAG) + i);
+		written++;
+	}
+	return written;
 }
 
 static uint64_t word_sum(const uint64_t *base, uint64_t words)
@@ -1082,6 +1108,13 @@ static _Noreturn void bsp_main(uint64_t boot_params)
 		__asm__ volatile("" : : : "memory");
 		put_str("PAYLOAD-FILLED sum=");
 		put_hex(word_sum(area, fill / 8));
+		put_char('\n');
+	}
+
+	if (cfg.unique) {
+		put_str("PAYLOAD-UNIQUE pages=");
+		put_dec(make_unique((uint64_t *)(uintptr_t)FILL_BASE, fill / PAGE_SIZE,
+				    cfg.unique_pct, cfg.seed));
 		put_char('\n');
 	}
 

@@ -99,7 +99,7 @@ const STOP_WORKERS: usize = 64;
 
 /// Calls `f(i)` for every `i` in `0..n` on the calling thread and up to `workers - 1` more, and
 /// returns when every call has. Threads that cannot be started are done without.
-fn spread(n: usize, workers: usize, f: impl Fn(usize) + Sync) {
+pub(crate) fn spread(n: usize, workers: usize, f: impl Fn(usize) + Sync) {
     spread_with(n, workers, false, f);
 }
 

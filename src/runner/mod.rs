@@ -38,7 +38,7 @@ mod stats;
 
 use control::{Control, control_loop};
 use fleet::{Built, build_fleet, resume_all, retire};
-pub(crate) use fleet::{stop_all, teardown};
+pub(crate) use fleet::{spread, stop_all, teardown};
 use signals::SignalFd;
 use stats::{StatsFile, write_stats};
 

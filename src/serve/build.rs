@@ -6,19 +6,20 @@
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use regex::Regex;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::EntryMode;
-use crate::config::VmConfig;
+use crate::config::{DedupMode, VmConfig};
 use crate::console::{ConsoleSink, Expect, Output};
 use crate::kvm::{Flavor, Host};
 use crate::loader::{InitrdImage, KernelImage};
+use crate::sync::lock;
 use crate::vm::{BootSources, Vm, VmIo};
 
 /// How long the vCPU threads of a new VM may take to acknowledge Start (as for a fleet).
@@ -46,6 +47,9 @@ pub(super) struct BuiltVm {
     pub ready: Option<Expect>,
 }
 
+/// One VM's build: the VM, or an HTTP status and why not.
+type Built = Result<BuiltVm, (u16, String)>;
+
 /// What a job ended with: every VM started, or why none is left.
 pub(super) struct Done {
     pub id: u64,
@@ -64,6 +68,10 @@ pub(super) struct Failure {
 struct Images {
     kernels: HashMap<PathBuf, (FileId, Arc<KernelImage>)>,
     initrds: HashMap<PathBuf, (FileId, Arc<InitrdImage>)>,
+    /// Guest RAM of a `full` VM was seen MERGEABLE in /proc/self/smaps. Every VM's RAM is made
+    /// the same way, so once is enough: reading smaps walks the page tables of every guest
+    /// (with a few hundred VMs, longer than the build).
+    mergeable_checked: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -130,6 +138,13 @@ pub(super) struct Wiring {
 /// The builder thread's body: installs its seccomp filter, then builds jobs until the control
 /// loop drops its end of the channel.
 pub(super) fn run(w: Wiring) {
+    // A build must not wait for a round of every busy vCPU thread on the host (with a thousand
+    // idle guests, each create took a second at nice 0): raised as the control thread is, for
+    // good (the vCPU threads it starts go back to the base priority themselves).
+    std::mem::forget(crate::sched::Raised::this_thread(
+        crate::sched::RESPONSIVE,
+        "the builder",
+    ));
     if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Builder) {
         log::error!("{e}; the server cannot build VMs");
         return;
@@ -172,57 +187,112 @@ fn build_job(
     input_drained: &Arc<EventFd>,
     specs: Vec<Spec>,
 ) -> Result<Vec<BuiltVm>, Failure> {
-    let mut built: Vec<BuiltVm> = Vec::with_capacity(specs.len());
-    let fail = |built: Vec<BuiltVm>, status: u16, message: String| {
-        crate::runner::teardown(built.into_iter().map(|b| b.vm).collect());
-        Err(Failure { status, message })
+    let Some(first) = specs.first() else {
+        return Ok(Vec::new());
     };
-    for spec in specs {
-        if w.stopping.load(Ordering::Relaxed) {
-            return fail(built, 503, "the server is shutting down".into());
+    // One create call: every VM has the same kernel and initrd, read once.
+    let bad = |e: &dyn std::fmt::Display| Failure {
+        status: 400,
+        message: format!("{}: {e}", first.name),
+    };
+    let kernel = images.kernel(&first.cfg.kernel).map_err(|e| bad(&e))?;
+    if w.host.flavor() == Flavor::Pvm && kernel.mode() == EntryMode::Linux {
+        return Err(bad(&crate::runner::Error::PvmLinux(
+            first.cfg.kernel.display().to_string(),
+        )));
+    }
+    let initrd = match &first.cfg.initrd {
+        Some(path) => Some(images.initrd(path).map_err(|e| bad(&e))?),
+        None => None,
+    };
+    // Many at a time, as a fleet of `kvmerge run` is built: most of a build waits in KVM.
+    let results: Vec<Mutex<Option<Built>>> = specs.iter().map(|_| Mutex::new(None)).collect();
+    let failed = AtomicBool::new(false);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (host, notify, stopping) = (&w.host, &w.notify, &w.stopping);
+    crate::runner::spread(specs.len(), workers, |i| {
+        if failed.load(Ordering::Relaxed) || stopping.load(Ordering::Relaxed) {
+            return;
         }
-        match build_one(w, images, input_drained, &spec) {
-            Ok(vm) => built.push(vm),
-            Err((status, message)) => {
-                return fail(built, status, format!("{}: {message}", spec.name));
+        let io = (notify, input_drained);
+        let result = build_one(host, &kernel, initrd.as_deref(), io, &specs[i]);
+        if let (Ok(b), true) = (&result, specs.len() > 1) {
+            // The vCPU threads inherited the builder's raised priority. A VM created alone
+            // keeps it for its start (the control loop ends it); in a batch, the guests started
+            // first would otherwise compete with the builder for the rest of the batch.
+            for tid in b.vm.vcpu_tids() {
+                crate::sched::lower_to_base(tid);
             }
         }
+        failed.fetch_or(result.is_err(), Ordering::Relaxed);
+        *lock(&results[i]) = Some(result);
+    });
+    let mut built = Vec::with_capacity(specs.len());
+    let mut first_error = None;
+    for (spec, slot) in specs.iter().zip(results) {
+        match slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(Ok(vm)) => built.push(vm),
+            Some(Err((status, message))) => {
+                first_error.get_or_insert(Failure {
+                    status,
+                    message: format!("{}: {message}", spec.name),
+                });
+            }
+            None => {
+                first_error.get_or_insert(Failure {
+                    status: 503,
+                    message: "the server is shutting down".into(),
+                });
+            }
+        }
+    }
+    if first_error.is_none() && !images.mergeable_checked {
+        // Every VM's RAM is made the same way: one look at smaps is enough (reading it walks
+        // the page tables of every guest, longer than a build with a few hundred of them).
+        if let Some(b) = built.first().filter(|_| first.cfg.dedup != DedupMode::Off) {
+            match crate::memory::verify_mergeable(std::iter::once(b.vm.ram().as_ref())) {
+                Ok(()) => images.mergeable_checked = true,
+                Err(e) => {
+                    first_error = Some(Failure {
+                        status: 500,
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        crate::runner::teardown(built.into_iter().map(|b| b.vm).collect());
+        return Err(e);
     }
     Ok(built)
 }
 
+/// Builds and starts one VM; `events` are the VM-end notifier and the console-input eventfd.
 fn build_one(
-    w: &Wiring,
-    images: &mut Images,
-    input_drained: &Arc<EventFd>,
+    host: &Host,
+    kernel: &KernelImage,
+    initrd: Option<&InitrdImage>,
+    events: (&Arc<EventFd>, &Arc<EventFd>),
     spec: &Spec,
 ) -> Result<BuiltVm, (u16, String)> {
+    let (notify, input_drained) = events;
     let bad = |e: &dyn std::fmt::Display| (400, e.to_string());
-    let kernel = images.kernel(&spec.cfg.kernel).map_err(|e| bad(&e))?;
     kernel
         .check_cmdline(&spec.cfg.cmdline_for(spec.index))
         .map_err(|e| bad(&e))?;
     kernel.check_fits(spec.cfg.memory).map_err(|e| bad(&e))?;
-    if w.host.flavor() == Flavor::Pvm && kernel.mode() == EntryMode::Linux {
-        return Err(bad(&crate::runner::Error::PvmLinux(
-            spec.cfg.kernel.display().to_string(),
-        )));
-    }
-    let initrd = match &spec.cfg.initrd {
-        Some(path) => Some(images.initrd(path).map_err(|e| bad(&e))?),
-        None => None,
-    };
-    if u32::from(spec.cfg.vcpus) as usize > w.host.max_vcpus() {
+    if usize::from(spec.cfg.vcpus) > host.max_vcpus() {
         return Err(bad(&format!(
             "vcpus {} is more than this host's KVM allows ({})",
             spec.cfg.vcpus,
-            w.host.max_vcpus()
+            host.max_vcpus()
         )));
     }
     let ready = spec
         .ready
         .clone()
-        .map(|re| Expect::notifying(re, w.notify.clone()));
+        .map(|re| Expect::notifying(re, notify.clone()));
     let console = match &spec.console {
         Some(path) => {
             let file = crate::runner::create_sink_file(path).map_err(|e| {
@@ -237,13 +307,10 @@ fn build_one(
     };
     let io = VmIo {
         console,
-        notify: w.notify.clone(),
+        notify: notify.clone(),
         input_drained: input_drained.clone(),
     };
-    let sources = BootSources {
-        kernel: &kernel,
-        initrd: initrd.as_deref(),
-    };
+    let sources = BootSources { kernel, initrd };
     let status = |e: &crate::vm::Error| {
         if matches!(e, crate::vm::Error::Loader(_)) {
             400
@@ -251,19 +318,8 @@ fn build_one(
             500
         }
     };
-    let vm = Vm::build_named(
-        &w.host,
-        spec.index,
-        spec.name.clone(),
-        &spec.cfg,
-        &sources,
-        io,
-    )
-    .map_err(|e| (status(&e), e.to_string()))?;
-    if let Err(e) = crate::memory::verify_mergeable(std::iter::once(vm.ram().as_ref())) {
-        crate::runner::teardown(vec![vm]);
-        return Err((500, e.to_string()));
-    }
+    let vm = Vm::build_named(host, spec.index, spec.name.clone(), &spec.cfg, &sources, io)
+        .map_err(|e| (status(&e), e.to_string()))?;
     let started = vm
         .start()
         .and_then(|ticket| vm.confirm_start(&ticket, Instant::now() + START_TIMEOUT));

@@ -337,6 +337,11 @@ fn run_loop(server: &Arc<Mutex<Server>>) -> Result<(), Error> {
     Ok(())
 }
 
+/// How long a new VM's vCPU threads keep the builder's raised priority, unless its ready marker
+/// comes first: its start (the first guest instructions, the console's first lines) is not
+/// stretched over a round of every busy vCPU thread of the host, and then it runs as they do.
+const START_BOOST: Duration = Duration::from_millis(50);
+
 const EV_SIGNAL: u32 = 1;
 const EV_NOTIFY: u32 = 2;
 const EV_WAKE: u32 = 3;
@@ -356,6 +361,8 @@ struct Entry {
     started: Option<Instant>,
     ready_at: Option<Instant>,
     deadline: Option<Instant>,
+    /// Until when its vCPU threads keep their start priority (see [`START_BOOST`]).
+    boost_until: Option<Instant>,
     end: Option<(VmEnd, Instant)>,
     /// The merge thread's figures when the VM ended.
     last_figures: Option<VmStatus>,
@@ -534,6 +541,7 @@ impl Server {
                     started: None,
                     ready_at: None,
                     deadline: None,
+                    boost_until: None,
                     end: None,
                     last_figures: None,
                     wait_end: Vec::new(),
@@ -683,6 +691,8 @@ impl Server {
                     entry.job = None;
                     entry.started = Some(now);
                     entry.deadline = entry.timeout.map(|t| now + t);
+                    // A batch's vCPU threads were put back by the builder as they started.
+                    entry.boost_until = (names.len() == 1).then(|| now + START_BOOST);
                     if let Some(merge) = &self.merge {
                         merge.add(MergeVm {
                             name: name.clone(),
@@ -823,6 +833,7 @@ impl Server {
             .filter_map(|(name, e)| {
                 if e.ready_at.is_none() && e.ready.as_ref().is_some_and(Expect::matched) {
                     e.ready_at = Some(now);
+                    end_boost(e);
                 }
                 (!e.wait_ready.is_empty() && (e.is_ready() || e.end.is_some()))
                     .then(|| name.clone())
@@ -903,6 +914,9 @@ impl Server {
     fn on_timer(&mut self) {
         let now = Instant::now();
         for entry in self.entries.values_mut() {
+            if entry.boost_until.is_some_and(|b| b <= now) {
+                end_boost(entry);
+            }
             if entry.deadline.is_some_and(|d| d <= now) {
                 entry.deadline = None;
                 if let Some(vm) = &entry.vm {
@@ -921,7 +935,8 @@ impl Server {
             .entries
             .values()
             .filter(|e| e.vm.is_some())
-            .filter_map(|e| e.deadline)
+            .flat_map(|e| [e.deadline, e.boost_until])
+            .flatten()
             .min();
         let result = match next {
             Some(at) => {
@@ -1014,6 +1029,18 @@ impl Server {
             connections: self.api.active.load(Ordering::Relaxed),
             waits: self.api.waits.load(Ordering::Relaxed),
         })
+    }
+}
+
+/// Puts a VM's vCPU threads back to the process's base priority after their start.
+fn end_boost(e: &mut Entry) {
+    if e.boost_until.take().is_none() {
+        return;
+    }
+    if let Some(vm) = &e.vm {
+        for tid in vm.vcpu_tids() {
+            sched::lower_to_base(tid);
+        }
     }
 }
 
