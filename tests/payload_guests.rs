@@ -82,6 +82,33 @@ fn fill_checksum_round_trips() {
     );
 }
 
+/// `unique=PCT` makes that share of the fill's pages unique to the VM, spread evenly; bad values
+/// are refused by the guest.
+#[test]
+fn unique_share_of_the_fill() {
+    if !kvm_available() {
+        return;
+    }
+    for (pct, pages) in [(0, 0), (25, 256), (100, 1024)] {
+        let cmdline = format!("fill=4 patterns=1024 unique={pct} seed=7");
+        let out = run_payload(&["--memory", "16M", "--cmdline", &cmdline], LIMIT);
+        assert_eq!(out.code(), Some(0), "{}", out.dump());
+        let want = format!("PAYLOAD-UNIQUE pages={pages}");
+        assert_eq!(
+            lines_with(&out.stdout, "PAYLOAD-UNIQUE"),
+            [want.as_str()],
+            "{}",
+            out.dump()
+        );
+    }
+    let out = run_payload(
+        &["--memory", "16M", "--cmdline", "fill=4 unique=101"],
+        LIMIT,
+    );
+    assert_ne!(out.code(), Some(0), "{}", out.dump());
+    assert!(out.stdout.contains("bad unique"), "{}", out.dump());
+}
+
 #[test]
 fn initrd_arrives_intact() {
     if !kvm_available() {
