@@ -774,7 +774,7 @@ fn ksm_saved_pages(snap: &Snapshot, host: &Counters) -> u64 {
     saved.min(t.ksm)
 }
 
-fn dedup_name(mode: DedupMode) -> &'static str {
+pub(crate) fn dedup_name(mode: DedupMode) -> &'static str {
     match mode {
         DedupMode::Full => "full",
         DedupMode::Zero => "zero",

@@ -56,6 +56,13 @@ pub(super) fn control_loop(cfg: &Config, control: &Arc<Mutex<Control>>) -> Resul
     Ok(())
 }
 
+/// Adds `fd` (readable) to an event loop under token `data`; a failure is logged.
+pub(crate) fn watch(ops: &mut EventOps, fd: i32, data: u32) {
+    if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+        log::error!("cannot watch fd {fd}: {e:?}");
+    }
+}
+
 /// Event tokens of the control loop.
 const EV_SIGNAL: u32 = 1;
 const EV_NOTIFY: u32 = 2;
@@ -209,11 +216,7 @@ impl Control {
 
 impl MutEventSubscriber for Control {
     fn init(&mut self, ops: &mut EventOps) {
-        let mut add = |fd: i32, data: u32| {
-            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
-                log::error!("cannot watch fd {fd}: {e:?}");
-            }
-        };
+        let mut add = |fd: i32, data: u32| watch(ops, fd, data);
         add(self.signals.fd.as_raw_fd(), EV_SIGNAL);
         add(self.notify.as_raw_fd(), EV_NOTIFY);
         add(self.input_drained.as_raw_fd(), EV_INPUT_DRAINED);

@@ -36,6 +36,7 @@ mod fleet;
 pub(crate) mod signals;
 mod stats;
 
+pub(crate) use control::watch;
 use control::{Control, control_loop};
 use fleet::{Built, build_fleet, resume_all, retire};
 pub(crate) use fleet::{spread, stop_all, teardown};
@@ -564,18 +565,8 @@ fn run_fleet(
     // Back to normal priority: restoring the knobs may make the kernel unmerge every KSM page of
     // the host in this thread, which must not keep other processes off a core meanwhile.
     drop(urgent);
-    if seccomp::parked(ThreadKind::Merge) {
-        // The parked merge thread keeps its reference to the KSM hold: restore explicitly.
-        if let Some(Err(e)) = ksm_owner
-            .as_ref()
-            .and_then(|hold| hold.owner())
-            .map(|owner| owner.restore())
-        {
-            log::error!("host KSM knobs: {e}");
-        }
-    }
     // Guest RAM is gone, so restoring the knobs (which may unmerge) has nothing of ours to do.
-    drop(ksm_owner);
+    release_ksm(ksm_owner);
     drop(raw);
     Ok(Report {
         vms: reports,
@@ -584,6 +575,22 @@ fn run_fleet(
         dedup,
         seccomp_blocked: c.seccomp_blocked,
     })
+}
+
+/// Lets go of this process's part in steering the host's KSM: the knobs are restored when the
+/// last reference goes. A merge thread parked by its seccomp filter keeps its reference for good,
+/// so then they are restored here.
+pub(crate) fn release_ksm(hold: Option<Arc<ksm::KsmHold>>) {
+    if seccomp::parked(ThreadKind::Merge) {
+        if let Some(Err(e)) = hold
+            .as_ref()
+            .and_then(|hold| hold.owner())
+            .map(|owner| owner.restore())
+        {
+            log::error!("host KSM knobs: {e}");
+        }
+    }
+    drop(hold);
 }
 
 /// This process's part in steering the host's KSM (see [`ksm::join_for_run`]).

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use regex::Regex;
 use serde_json::{Value, json};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -286,17 +285,7 @@ pub fn serve(cfg: &ServeConfig) -> Result<Ended, Error> {
     s.jobs = None;
     drop(s.merge.take().map(MergeThread::stop));
     drop(s.pressure.take());
-    let ksm_owner = s.ksm.take();
-    if seccomp::parked(ThreadKind::Merge) {
-        if let Some(Err(e)) = ksm_owner
-            .as_ref()
-            .and_then(|hold| hold.owner())
-            .map(|owner| owner.restore())
-        {
-            log::error!("host KSM knobs: {e}");
-        }
-    }
-    drop(ksm_owner);
+    runner::release_ksm(s.ksm.take());
     let exit_code = s.exit_code.unwrap_or(1);
     for (_, (_, reply, _)) in s.pending.drain() {
         let _ = reply.send(Reply::error(
@@ -980,7 +969,7 @@ impl Server {
                 "cmdline": e.cfg.cmdline_for(e.index),
                 "memory_mib": e.cfg.memory as f64 / f64::from(1u32 << 20),
                 "vcpus": e.cfg.vcpus,
-                "dedup": dedup_name(e.cfg.dedup),
+                "dedup": merge::dedup_name(e.cfg.dedup),
                 "group": e.cfg.group,
                 "console": e.console,
                 "ready": e.ready.as_ref().map(|r| r.pattern().to_string()),
@@ -1054,21 +1043,9 @@ fn unknown(id: &str) -> Reply {
     )
 }
 
-fn dedup_name(mode: DedupMode) -> &'static str {
-    match mode {
-        DedupMode::Full => "full",
-        DedupMode::Zero => "zero",
-        DedupMode::Off => "off",
-    }
-}
-
 impl MutEventSubscriber for Server {
     fn init(&mut self, ops: &mut EventOps) {
-        let mut add = |fd: i32, data: u32| {
-            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
-                log::error!("cannot watch fd {fd}: {e:?}");
-            }
-        };
+        let mut add = |fd: i32, data: u32| runner::watch(ops, fd, data);
         add(self.signals.fd.as_raw_fd(), EV_SIGNAL);
         add(self.notify.as_raw_fd(), EV_NOTIFY);
         add(self.wake.as_raw_fd(), EV_WAKE);
