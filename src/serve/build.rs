@@ -216,14 +216,6 @@ fn build_job(
         }
         let io = (notify, input_drained);
         let result = build_one(host, &kernel, initrd.as_deref(), io, &specs[i]);
-        if let (Ok(b), true) = (&result, specs.len() > 1) {
-            // The vCPU threads inherited the builder's raised priority. A VM created alone
-            // keeps it for its start (the control loop ends it); in a batch, the guests started
-            // first would otherwise compete with the builder for the rest of the batch.
-            for tid in b.vm.vcpu_tids() {
-                crate::sched::lower_to_base(tid);
-            }
-        }
         failed.fetch_or(result.is_err(), Ordering::Relaxed);
         *lock(&results[i]) = Some(result);
     });
@@ -261,6 +253,9 @@ fn build_job(
             }
         }
     }
+    if first_error.is_none() {
+        first_error = start_all(&built).err();
+    }
     if let Some(e) = first_error {
         crate::runner::teardown(built.into_iter().map(|b| b.vm).collect());
         return Err(e);
@@ -268,7 +263,33 @@ fn build_job(
     Ok(built)
 }
 
-/// Builds and starts one VM; `events` are the VM-end notifier and the console-input eventfd.
+/// Starts every VM of a job once all are built, as `kvmerge run` starts a fleet: a guest that runs
+/// while the rest are built takes CPU and mmap_lock turns from every later build.
+fn start_all(built: &[BuiltVm]) -> Result<(), Failure> {
+    let fail = |b: &BuiltVm, e: crate::vm::Error| Failure {
+        status: 500,
+        message: format!("{}: cannot start: {e}", b.vm.name()),
+    };
+    let mut tickets = Vec::with_capacity(built.len());
+    for b in built {
+        tickets.push(b.vm.start().map_err(|e| fail(b, e))?);
+    }
+    let deadline = Instant::now() + START_TIMEOUT;
+    for (b, ticket) in built.iter().zip(&tickets) {
+        b.vm.confirm_start(ticket, deadline)
+            .map_err(|e| fail(b, e))?;
+        if built.len() > 1 {
+            // The vCPU threads inherited the builder's raised priority. A VM created alone keeps
+            // it for its start (the control loop ends it); a batch's go back at once.
+            for tid in b.vm.vcpu_tids() {
+                crate::sched::lower_to_base(tid);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds one VM (started later, with the rest of its job); `events` are the VM-end notifier and the console-input eventfd.
 fn build_one(
     host: &Host,
     kernel: &KernelImage,
@@ -320,12 +341,5 @@ fn build_one(
     };
     let vm = Vm::build_named(host, spec.index, spec.name.clone(), &spec.cfg, &sources, io)
         .map_err(|e| (status(&e), e.to_string()))?;
-    let started = vm
-        .start()
-        .and_then(|ticket| vm.confirm_start(&ticket, Instant::now() + START_TIMEOUT));
-    if let Err(e) = started {
-        crate::runner::teardown(vec![vm]);
-        return Err((500, format!("cannot start: {e}")));
-    }
     Ok(BuiltVm { vm, ready })
 }
