@@ -96,6 +96,16 @@ fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
+/// Every line until the reader of [`stderr_lines`] reaches the end of stderr (bounded).
+fn lines_until_closed(rx: &mpsc::Receiver<String>, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        lines.push(line);
+    }
+    lines
+}
+
 /// Collects stderr lines until one satisfies `found`; fails after `within`.
 fn wait_line(
     rx: &mpsc::Receiver<String>,
@@ -250,7 +260,9 @@ fn guests_ending_on_a_stuck_stdout_end_the_run() {
     let rx = stderr_lines(&mut child.0);
     let (got, took) = wait_exit(&mut child.0, LIMIT, "guests exiting");
     assert_eq!(got, Some(1), "exit code 5 is a failure (took {took:?})");
-    let stderr: Vec<String> = rx.try_iter().collect();
+    // Everything the reader thread got, until stderr's end (it may still be reading after the
+    // exit).
+    let stderr = lines_until_closed(&rx, LIMIT);
     for vm in 0..3 {
         let line = format!("kvmerge: vm{vm}: exited with code 5");
         assert!(
