@@ -280,8 +280,10 @@ pub fn serve(cfg: &ServeConfig) -> Result<Ended, Error> {
     }
     // Whatever is left (a failed loop leaves VMs behind): stopped and destroyed.
     let left: Vec<Vm> = s.entries.values_mut().filter_map(|e| e.vm.take()).collect();
-    let _urgent = runner::stop_all(&left, VmEnd::Requested);
+    let urgent = runner::stop_all(&left, VmEnd::Requested);
     runner::teardown(left);
+    // Back to normal priority before the KSM restore, which may unmerge for seconds.
+    drop(urgent);
     s.jobs = None;
     drop(s.merge.take().map(MergeThread::stop));
     drop(s.pressure.take());
@@ -297,6 +299,8 @@ pub fn serve(cfg: &ServeConfig) -> Result<Ended, Error> {
         let _ = reply.send(Reply::json(200, json!({ "stopped": true })));
     }
     drop(s);
+    // Calls still queued are answered 503 (their reply channels close with the server).
+    drop(server);
     // API threads finish the answers under way (bounded); then the socket goes.
     api.finish(Duration::from_secs(1));
     drop(listener);
