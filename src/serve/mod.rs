@@ -853,15 +853,15 @@ impl Server {
             .map(|(n, _)| n.clone())
             .collect();
         let figures = self.merge.as_ref().map(MergeThread::status);
+        let mut gone = Vec::with_capacity(ended.len());
         for name in &ended {
             let Some(entry) = self.entries.get_mut(name) else {
                 continue;
             };
-            let Some(mut vm) = entry.vm.take() else {
+            let Some(vm) = entry.vm.take() else {
                 continue;
             };
             vm.request_stop();
-            vm.finish_stop();
             entry.end = vm.outcome().cloned();
             entry.last_figures = figures
                 .as_ref()
@@ -872,11 +872,15 @@ impl Server {
             if let Some(guard) = &self.pressure {
                 guard.remove(vm.control());
             }
-            vm.dismantle();
-            drop(vm);
             if let Some((end, _)) = &entry.end {
                 log::info!("{name}: {end}");
             }
+            gone.push(vm);
+        }
+        // Collected and destroyed many at a time, as a run's fleet is (a shutdown of a thousand
+        // VMs one by one took 20 s); their consoles are flushed before any waiter is answered.
+        if !gone.is_empty() {
+            runner::teardown(gone);
         }
         // Answer whoever waits on an ended VM.
         let done: Vec<String> = self
