@@ -94,32 +94,31 @@ fn file_id(path: &Path) -> Option<FileId> {
 
 impl Images {
     fn kernel(&mut self, path: &Path) -> crate::loader::Result<Arc<KernelImage>> {
-        let id = file_id(path);
-        if let (Some(id), Some((seen, image))) = (id, self.kernels.get(path)) {
-            if id == *seen {
-                return Ok(image.clone());
-            }
-        }
-        let image = Arc::new(KernelImage::open(path)?);
-        if let Some(id) = id {
-            self.kernels.insert(path.to_path_buf(), (id, image.clone()));
-        }
-        Ok(image)
+        cached(&mut self.kernels, path, KernelImage::open)
     }
 
     fn initrd(&mut self, path: &Path) -> crate::loader::Result<Arc<InitrdImage>> {
-        let id = file_id(path);
-        if let (Some(id), Some((seen, image))) = (id, self.initrds.get(path)) {
-            if id == *seen {
-                return Ok(image.clone());
-            }
-        }
-        let image = Arc::new(InitrdImage::open(path)?);
-        if let Some(id) = id {
-            self.initrds.insert(path.to_path_buf(), (id, image.clone()));
-        }
-        Ok(image)
+        cached(&mut self.initrds, path, InitrdImage::open)
     }
+}
+
+/// The image at `path` from `cache` while the file is unchanged, else read with `open`.
+fn cached<T>(
+    cache: &mut HashMap<PathBuf, (FileId, Arc<T>)>,
+    path: &Path,
+    open: impl FnOnce(&Path) -> crate::loader::Result<T>,
+) -> crate::loader::Result<Arc<T>> {
+    let id = file_id(path);
+    if let (Some(id), Some((seen, image))) = (id, cache.get(path)) {
+        if id == *seen {
+            return Ok(image.clone());
+        }
+    }
+    let image = Arc::new(open(path)?);
+    if let Some(id) = id {
+        cache.insert(path.to_path_buf(), (id, image.clone()));
+    }
+    Ok(image)
 }
 
 /// What the builder shares with the control loop.
